@@ -1,0 +1,24 @@
+# The README's two commands: `make repro` (set up, then run the default pipeline)
+# and `make test` (set up, then run the tests and the linter).
+VENV := .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: setup repro test smoke
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+repro: setup
+	dvc repro
+
+test: setup
+	pytest
+	ruff check .
+
+smoke: setup
+	bash .ci/smoke

@@ -1,0 +1,43 @@
+"""Figures people would rather look at than read, written as PNG files registered as DVC plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ctrldiff.io import atomic_path  # noqa: E402
+
+
+def reliability_diagram(path: str | Path, before: dict, after: dict, title: str) -> None:
+    """Accuracy against confidence per bin, before and after temperature scaling."""
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4), sharey=True)
+    for ax, rel, name in ((axes[0], before, "before"), (axes[1], after, "after")):
+        n = len(rel["count"])
+        centers = [(i + 0.5) / n for i in range(n)]
+        used = [i for i, k in enumerate(rel["count"]) if k > 0]
+        ax.bar(
+            [centers[i] for i in used],
+            [rel["accuracy"][i] for i in used],
+            width=1 / n,
+            edgecolor="black",
+            alpha=0.7,
+            label="accuracy",
+        )
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+        ax.plot(
+            [rel["confidence"][i] for i in used], [rel["accuracy"][i] for i in used], "r.", label="bin mean"
+        )
+        ax.set(
+            title=f"{name} calibration, ECE {rel['ece']:.3f}", xlabel="confidence", xlim=(0, 1), ylim=(0, 1)
+        )
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="upper left", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)

@@ -1,0 +1,82 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ctrldiff.classifier import (
+    Classifier,
+    ClassifierError,
+    SmallCNN,
+    calibration_report,
+    fit_temperature,
+    reliability,
+)
+
+
+def overconfident_logits(n=2000, k=4, seed=0):
+    """Logits whose argmax is right ~70% of the time, but scaled to claim near certainty."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, k, (n,), generator=g)
+    logits = torch.randn(n, k, generator=g)
+    logits[torch.arange(n), labels] += 1.5
+    return 8.0 * logits, labels
+
+
+def test_temperature_scaling_lowers_nll_of_an_overconfident_classifier():
+    logits, labels = overconfident_logits()
+    t = fit_temperature(logits, labels)
+    assert t > 2.0  # it must soften the over-confident logits
+    report = calibration_report(logits, labels, t, n_bins=15)
+    assert report["nll_after"] < 0.7 * report["nll_before"]
+    assert report["reliability_after"]["ece"] < report["reliability_before"]["ece"] / 2
+    assert report["accuracy"] == pytest.approx(float((logits.argmax(-1) == labels).float().mean()))
+
+
+def test_ece_is_zero_when_confidence_matches_accuracy():
+    probs = torch.tensor([[0.5, 0.5]] * 4)  # confidence 0.5, argmax is class 0, right half the time
+    rel = reliability(probs, torch.tensor([0, 1, 0, 1]), n_bins=10)
+    assert rel["ece"] == pytest.approx(0.0)
+    assert sum(rel["count"]) == 4
+
+
+def test_save_load_round_trip_and_class_check(tmp_path):
+    torch.manual_seed(0)
+    arch = {"in_channels": 1, "num_classes": 3, "width": 8}
+    clf = Classifier(
+        SmallCNN(**arch),
+        arch,
+        temperature=1.7,
+        meta={"task": "t", "classes": [0, 1, 2], "thresholds": [2.0, 1.0]},
+    ).eval()
+    clf.save(tmp_path / "clf")
+    loaded = Classifier.load(tmp_path / "clf")
+    x = torch.randn(5, 1, 12, 12)
+    torch.testing.assert_close(loaded(x), clf(x))
+    loaded.check_classes([0, 1, 2], [2.0, 1.0])
+    with pytest.raises(ClassifierError, match="classes"):
+        loaded.check_classes([0, 1, 2, 3])
+    with pytest.raises(ClassifierError, match="thresholds"):
+        loaded.check_classes([0, 1, 2], [5.0, 1.0])
+
+
+def test_log_prob_is_calibrated_log_softmax():
+    torch.manual_seed(1)
+    arch = {"in_channels": 1, "num_classes": 4, "width": 8}
+    clf = Classifier(SmallCNN(**arch), arch, temperature=2.0).eval()
+    x, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 3, 1])
+    expected = F.log_softmax(clf.net(x) / 2.0, -1)[torch.arange(3), y]
+    torch.testing.assert_close(clf.log_prob(x, y), expected)
+
+
+def test_corrupt_or_missing_classifier_gives_a_clear_error(tmp_path):
+    with pytest.raises(ClassifierError, match="no saved classifier"):
+        Classifier.load(tmp_path)
+    arch = {"in_channels": 1, "num_classes": 2, "width": 8}
+    Classifier(SmallCNN(**arch), arch).save(tmp_path / "c")
+    (tmp_path / "c" / "model.safetensors").write_bytes(b"truncated")
+    with pytest.raises(ClassifierError, match="cannot load"):
+        Classifier.load(tmp_path / "c")
+    (tmp_path / "c" / "config.json").write_text(json.dumps({"arch": {"bogus": 1}}))
+    with pytest.raises(ClassifierError, match="cannot load"):
+        Classifier.load(tmp_path / "c")

@@ -1,0 +1,54 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ctrldiff.params import Params, ParamsError, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, overrides: dict) -> Path:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_shipped_params_files_are_valid():
+    assert isinstance(load_params(ROOT / "params.yaml"), Params)
+    assert load_params(ROOT / "tests/smoke/params.yaml").data.max_images == 400
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"gama": 3}, "gama"),  # unknown top-level key
+        ({"data.resoluton": 28}, "data.resoluton"),  # typo in a section
+        ({"data.resolution": "big"}, "data.resolution"),  # wrong type
+        ({"gamma": -1.0}, "gamma"),  # out of range
+        ({"label.num_classes": 0}, "label.num_classes"),
+        ({"label.val_fraction": 1.5}, "label.val_fraction"),
+        ({"label.val_fraction": 0.0}, "label.val_fraction"),
+        ({"data.source": "imagenet"}, "data.source"),
+        ({"data.source": "folder"}, "data.path"),  # a folder source needs a path
+        ({"label.binning": "thresholds", "label.thresholds": [800]}, "label.thresholds"),
+    ],
+)
+def test_bad_parameters_fail_naming_the_key(tmp_path, overrides, key):
+    path = write(tmp_path, overrides)
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    assert key in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ParamsError, match="nope.yaml"):
+        load_params(tmp_path / "nope.yaml")
