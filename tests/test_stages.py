@@ -4,19 +4,24 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import yaml
+from PIL import Image
 
+from ctrldiff.base import BaseModelError, load_stable_diffusion, read_prompts
 from ctrldiff.classifier import Classifier
-from ctrldiff.data import SourceError
-from stages import label, train_classifier
+from ctrldiff.data import SourceError, load_pixels
+from stages import base, evaluate, label, sample, train_classifier
+from tests.tiny_sd import build_tiny_sd
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory) -> Path:
-    """Run label -> train_classifier (compressibility, digit) once with the smoke parameters."""
+    """Run label -> train_classifier -> base -> sample -> evaluate once with the smoke parameters."""
     work = tmp_path_factory.mktemp("smoke")
     shutil.copy(ROOT / "tests/smoke/params.yaml", work / "params.yaml")
     with pytest.MonkeyPatch.context() as mp:
@@ -24,6 +29,9 @@ def smoke_run(tmp_path_factory) -> Path:
         label.main([])
         for task in ("compressibility", "digit"):
             train_classifier.main(["--task", task])
+        base.main([])
+        sample.main(["--method", "base"])
+        evaluate.main(["--method", "base"])
     return work
 
 
@@ -64,3 +72,53 @@ def test_failed_label_run_keeps_previous_outputs(smoke_run, monkeypatch):
         (smoke_run / "params.yaml").write_text(good)
     assert (smoke_run / "data/labelled/images.parquet").read_bytes() == before
     assert not list((smoke_run / "data").glob(".*tmp"))
+
+
+def test_smoke_base_sample_evaluate_fill_the_metrics_shape(smoke_run):
+    samples = pd.read_parquet(smoke_run / "data/samples/base/samples.parquet")
+    assert len(samples) == 10 * 4  # every (c, y) once
+    assert samples.seed.is_unique
+    m = json.loads((smoke_run / "metrics/eval/base.json").read_text())
+    assert m["method"] == "base" and m["n_per_class"] == 10
+    task = m["tasks"]["compressibility"]
+    assert 0 <= task["accuracy"] <= 1 and 0 <= task["macro_f1"] <= 1
+    assert sum(map(sum, task["confusion"])) == 40 and len(task["mean_score_per_class"]) == 4
+    assert 0 <= m["fidelity"]["c_accuracy"] <= 1 and m["fidelity"]["frechet"] >= 0
+    assert m["cost"]["nfe_per_image"] == 10 and m["cost"]["seconds_per_image"] > 0
+    assert (smoke_run / "metrics/samples/base_grid.png").stat().st_size > 1000
+
+
+def test_tiny_stable_diffusion_runs_through_base_and_sample_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sd = build_tiny_sd(tmp_path / "tiny-sd")
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    (tmp_path / "prompts.txt").write_text("a photo of a cat\n\na dog\n")
+    params = yaml.safe_load((ROOT / "tests/smoke/params.yaml").read_text())
+    params["data"] = {"source": "folder", "path": str(images), "resolution": 16, "channels": 3}
+    params["base"] = {
+        "kind": "stable-diffusion",
+        "pretrained": str(sd),
+        "prompts": str(tmp_path / "prompts.txt"),
+    }
+    params["sample"] = {"steps": 3, "n_per_request": 1, "batch_size": 8}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    label.main([])
+    base.main([])
+    assert json.loads((tmp_path / "models/base/base.json").read_text())["pretrained"] == str(sd)
+    sample.main(["--method", "base"])
+    samples = pd.read_parquet(tmp_path / "data/samples/base/samples.parquet")
+    assert len(samples) == 2 * 4  # 2 prompts x 4 compressibility classes
+    assert load_pixels(samples.iloc[0], 16, 3).shape == (16, 16, 3)
+
+
+def test_bad_pretrained_path_or_prompt_file_is_named(tmp_path):
+    with pytest.raises(BaseModelError, match="no-such-sd"):
+        load_stable_diffusion(str(tmp_path / "no-such-sd"), ["x"])
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(BaseModelError, match="empty.txt"):
+        read_prompts(tmp_path / "empty.txt")

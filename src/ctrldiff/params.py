@@ -80,6 +80,50 @@ class ClassifierParams(_Section):
     ece_bins: int = Field(15, ge=2)
 
 
+class BaseParams(_Section):
+    """The pre-trained model p_pre(x | c): trained here (embedded) or loaded (stable-diffusion)."""
+
+    kind: Literal["embedded", "stable-diffusion"] = "embedded"
+    pretrained: str | None = None  # stable-diffusion: hub id or local diffusers folder
+    prompts: str | None = None  # stable-diffusion: text file, one prompt (one class c) per line
+    block_out_channels: list[int] = [32, 64, 64]
+    attention_levels: list[int] = [2]  # which resolution levels get cross-attention to c
+    layers_per_block: int = Field(1, ge=1)
+    cross_attention_dim: int = Field(64, ge=8)
+    attention_head_dim: int = Field(8, ge=1)
+    norm_num_groups: int = Field(8, ge=1)
+    num_train_timesteps: int = Field(1000, ge=10)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    train_steps: int = Field(800, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    cond_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    ema_decay: float = Field(0.995, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BaseParams:
+        if self.kind == "stable-diffusion" and not (self.pretrained and self.prompts):
+            raise ValueError(
+                "base.pretrained and base.prompts are required when base.kind is stable-diffusion"
+            )
+        if any(ch % self.norm_num_groups for ch in self.block_out_channels):
+            raise ValueError("base.block_out_channels must all be divisible by base.norm_num_groups")
+        if any(not 0 <= i < len(self.block_out_channels) for i in self.attention_levels):
+            raise ValueError("base.attention_levels must index base.block_out_channels")
+        return self
+
+
+class SampleParams(_Section):
+    """The evaluation sampler: a balanced set of (c, y) requests with fixed seeds."""
+
+    steps: int = Field(20, ge=1)
+    eta: float = Field(1.0, ge=0.0)
+    guidance_scale: float = Field(2.0, ge=1.0)
+    n_per_request: int = Field(8, ge=1)  # images per (c, y) pair
+    batch_size: int = Field(80, ge=1)
+    seed: int = 1000  # request i uses seed + i
+
+
 class Params(_Section):
     """The whole ``params.yaml``."""
 
@@ -88,6 +132,8 @@ class Params(_Section):
     data: DataParams = DataParams()
     label: LabelParams = LabelParams()
     classifier: ClassifierParams = ClassifierParams()
+    base: BaseParams = BaseParams()
+    sample: SampleParams = SampleParams()
 
 
 def _key(loc: tuple) -> str:

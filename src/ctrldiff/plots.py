@@ -41,3 +41,28 @@ def reliability_diagram(path: str | Path, before: dict, after: dict, title: str)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=80)
     plt.close(fig)
+
+
+def sample_grid(
+    path: str | Path, pixels, rows: list[int], cols: list[int], row_label: str, col_label: str, title: str
+) -> None:
+    """A grid of images: ``pixels[i]`` goes to row ``rows[i]``, column ``cols[i]`` (first one wins)."""
+    n_rows, n_cols = max(rows) + 1, max(cols) + 1
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(0.9 * n_cols + 0.6, 0.9 * n_rows + 0.6), squeeze=False)
+    placed = set()
+    for img, r, c in zip(pixels, rows, cols, strict=True):
+        if (r, c) not in placed:
+            axes[r][c].imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
+            placed.add((r, c))
+    for r in range(n_rows):
+        for c in range(n_cols):
+            axes[r][c].set_xticks([])
+            axes[r][c].set_yticks([])
+        axes[r][0].set_ylabel(f"{row_label}={r}", fontsize=8)
+    for c in range(n_cols):
+        axes[0][c].set_title(f"{col_label}={c}", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=70)
+    plt.close(fig)

@@ -1,0 +1,44 @@
+"""The one DDIM step: its Gaussian mean and standard deviation (Song et al. 2021, eq. 12).
+
+Sampling draws ``x_prev = mean + sigma * z``; the CTRL trajectory KL compares two means on the same
+x_t with the same sigma. Both use this function, so they can never disagree. The timestep grid and
+the noise schedule come from diffusers' DDIMScheduler; only the step itself is written out here,
+because diffusers returns the sample, not the mean and sigma we need for the KL.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler
+
+
+def timestep_pairs(scheduler: DDIMScheduler, steps: int) -> list[tuple[int, int]]:
+    """The (t, t_prev) pairs of a ``steps``-step DDIM run, using the scheduler's timestep spacing.
+
+    t_prev = -1 marks the last step, which lands on the clean image (alpha_bar = 1).
+    """
+    scheduler.set_timesteps(steps)
+    ts = [int(t) for t in scheduler.timesteps]
+    return list(zip(ts, ts[1:] + [-1], strict=True))
+
+
+def alpha_bar(scheduler: DDIMScheduler, t: int) -> torch.Tensor:
+    """Cumulative signal fraction at t; 1 for t < 0 (diffusers' ``set_alpha_to_one``)."""
+    return scheduler.alphas_cumprod[t] if t >= 0 else torch.tensor(1.0)
+
+
+def ddim_step(
+    scheduler: DDIMScheduler, x_t: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int, eta: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One DDIM transition t -> t_prev: returns (mean, sigma, x0_hat).
+
+    x0   = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)
+    s^2  = eta^2 (1 - a_prev) / (1 - a_t) (1 - a_t / a_prev)
+    mean = sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps
+    """
+    a_t = alpha_bar(scheduler, t).to(x_t)
+    a_prev = alpha_bar(scheduler, t_prev).to(x_t)
+    x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    var = eta**2 * (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - var).clamp(min=0).sqrt() * eps
+    return mean, var.sqrt(), x0

@@ -1,0 +1,115 @@
+"""Judge generated images with the oracles, never with the classifier a method was trained on.
+
+Control: the true JPEG size of each 8-bit image, binned at the dataset's thresholds, against the
+requested y. Fidelity to c: the share of images the (separately trained) digit classifier assigns
+to the requested c, and a Fréchet distance in its penultimate features to real digits of that class.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import linalg
+from sklearn.metrics import confusion_matrix, f1_score
+
+from ctrldiff.classifier import Classifier
+from ctrldiff.labels import bin_scores
+from ctrldiff.oracles import jpeg_size, to_model_space
+
+
+def task_metrics(requested: np.ndarray, achieved: np.ndarray, scores: np.ndarray, num_classes: int) -> dict:
+    """Accuracy, macro-F1 and confusion (rows: requested, columns: achieved) of one task."""
+    labels = list(range(num_classes))
+    return {
+        "accuracy": float((requested == achieved).mean()),
+        "macro_f1": float(f1_score(requested, achieved, labels=labels, average="macro", zero_division=0)),
+        "confusion": confusion_matrix(requested, achieved, labels=labels).tolist(),
+        "mean_score_per_class": [
+            float(scores[requested == k].mean()) if (requested == k).any() else float("nan") for k in labels
+        ],
+    }
+
+
+def compressibility_oracle(
+    pixels: np.ndarray, thresholds: list[float], quality: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(JPEG bytes, compressibility class) of each uint8 image."""
+    sizes = np.array([jpeg_size(p, quality) for p in pixels])
+    return sizes, bin_scores(sizes, thresholds)
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (rows are samples)."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    covmean = covmean.real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
+
+
+@torch.no_grad()
+def features_and_predictions(
+    clf: Classifier, pixels: np.ndarray, batch: int = 500
+) -> tuple[np.ndarray, np.ndarray]:
+    feats, preds = [], []
+    for i in range(0, len(pixels), batch):
+        x = to_model_space(pixels[i : i + batch])
+        f = clf.features(x)
+        feats.append(f.numpy())
+        preds.append((clf.net.head(f) / clf.temperature).argmax(-1).numpy())
+    return np.concatenate(feats), np.concatenate(preds)
+
+
+def fidelity(
+    digit_clf: Classifier,
+    pixels: np.ndarray,
+    c: np.ndarray,
+    real_pixels: np.ndarray,
+    real_c: np.ndarray,
+) -> dict:
+    """c_accuracy and the mean per-class Fréchet distance of generated images to real ones."""
+    feats, preds = features_and_predictions(digit_clf, pixels)
+    real_feats, _ = features_and_predictions(digit_clf, real_pixels)
+    per_class = [frechet_distance(feats[c == k], real_feats[real_c == k]) for k in np.unique(c)]
+    return {"c_accuracy": float((preds == c).mean()), "frechet": float(np.mean(per_class))}
+
+
+def evaluate_samples(
+    method: str,
+    pixels: np.ndarray,
+    c: np.ndarray,
+    y: np.ndarray,
+    label_meta: dict,
+    digit_clf: Classifier,
+    real: dict[str, tuple[np.ndarray, np.ndarray]],
+    cost: dict,
+) -> dict:
+    """The standard metrics record of one method (see README: every method fills this shape).
+
+    ``real`` holds ('train' and 'val') real pixels and their c: generated images are compared with
+    the training digits; the held-out digits against the same training digits give the reference.
+    """
+    spec = label_meta["tasks"]["compressibility"]
+    sizes, achieved = compressibility_oracle(pixels, spec["thresholds"], spec["jpeg_quality"])
+    num_classes = len(spec["classes"])
+    train_pixels, train_c = real["train"]
+    fid = fidelity(digit_clf, pixels, c, train_pixels, train_c)
+
+    # Reference: as many held-out real digits per class as there are generated ones.
+    val_pixels, val_c = real["val"]
+    rng = np.random.default_rng(0)
+    pick = np.concatenate(
+        [
+            rng.choice(np.flatnonzero(val_c == k), min((c == k).sum(), (val_c == k).sum()), replace=False)
+            for k in np.unique(c)
+        ]
+    )
+    ref = fidelity(digit_clf, val_pixels[pick], val_c[pick], train_pixels, train_c)
+    return {
+        "method": method,
+        "n_per_class": int(len(y) // num_classes),
+        "tasks": {"compressibility": task_metrics(y, achieved, sizes, num_classes)},
+        "fidelity": fid
+        | {"frechet_real_heldout": ref["frechet"], "c_accuracy_real_heldout": ref["c_accuracy"]},
+        "cost": cost,
+    }

@@ -1,0 +1,56 @@
+"""Stage `evaluate`: oracle metrics of one method's samples, in the shape every method fills."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from ctrldiff.classifier import Classifier
+from ctrldiff.data import table_images
+from ctrldiff.evaluation import evaluate_samples
+from ctrldiff.io import write_json
+
+DATA = Path("data/labelled")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--method", required=True)
+    method = parser.parse_args(argv).method
+    label_meta = json.loads((DATA / "meta.json").read_text())
+    table = pd.read_parquet(DATA / "images.parquet")
+    samples_dir = Path(f"data/samples/{method}")
+    samples = pd.read_parquet(samples_dir / "samples.parquet")
+    sample_meta = json.loads((samples_dir / "meta.json").read_text())
+
+    digit_clf = Classifier.load("models/classifier/digit")
+    digit_clf.check_classes(label_meta["tasks"]["digit"]["classes"])
+    res, ch = label_meta["resolution"], label_meta["channels"]
+    real = {
+        split: (table_images(part, res, ch), part["c"].to_numpy()) for split, part in table.groupby("split")
+    }
+    metrics = evaluate_samples(
+        method,
+        table_images(samples, res, ch),
+        samples["c"].to_numpy(),
+        samples["y"].to_numpy(),
+        label_meta,
+        digit_clf,
+        real,
+        sample_meta["cost"],
+    )
+    write_json(f"metrics/eval/{method}.json", metrics)
+    task = metrics["tasks"]["compressibility"]
+    fid = metrics["fidelity"]
+    print(
+        f"{method}: compressibility accuracy {task['accuracy']:.3f}, macro-F1 {task['macro_f1']:.3f}; "
+        f"c_accuracy {fid['c_accuracy']:.3f}, Fréchet {fid['frechet']:.2f} "
+        f"(held-out real {fid['frechet_real_heldout']:.2f})"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Shared tiny models: built from configs with random weights, fast enough for unit tests."""
+
+import pytest
+import torch
+
+from ctrldiff.base import BaseModel, build_embedded
+from ctrldiff.params import BaseParams
+
+MICRO = BaseParams(
+    block_out_channels=[16, 32],
+    attention_levels=[1],
+    cross_attention_dim=16,
+    attention_head_dim=8,
+    norm_num_groups=8,
+    train_steps=3,
+    batch_size=8,
+)
+
+
+def micro_base(seed: int = 0, num_classes: int = 3) -> BaseModel:
+    """A 8x8, 1-channel class-conditional base with random weights (eval mode)."""
+    torch.manual_seed(seed)
+    base = build_embedded(MICRO, num_classes=num_classes, resolution=8, channels=1)
+    base.unet.eval()
+    return base
+
+
+@pytest.fixture
+def base() -> BaseModel:
+    return micro_base()

@@ -1,0 +1,41 @@
+import pytest
+import torch
+
+from ctrldiff.base import BaseModelError, load_base, train_base
+from ctrldiff.sampling import SamplerConfig, sample
+from tests.conftest import MICRO, micro_base
+
+CFG = SamplerConfig(steps=4, eta=1.0, guidance_scale=2.0)
+
+
+def test_training_updates_unet_and_class_encoder(base):
+    before = [p.detach().clone() for p in (*base.unet.parameters(), *base.encoder.parameters())]
+    x, c = torch.rand(16, 1, 8, 8) * 2 - 1, torch.randint(0, 3, (16,))
+    losses = train_base(base, x, c, MICRO, seed=0)
+    assert len(losses) == MICRO.train_steps and all(torch.isfinite(torch.tensor(losses)))
+    after = [*base.unet.parameters(), *base.encoder.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert not base.unet.training
+
+
+def test_save_load_round_trip_gives_identical_samples(base, tmp_path):
+    base.save(tmp_path / "base")
+    loaded = load_base(tmp_path / "base")
+    c = torch.tensor([0, 1, 2])
+    torch.testing.assert_close(sample(loaded, c, [1, 2, 3], CFG), sample(base, c, [1, 2, 3], CFG))
+    assert loaded.meta == base.meta
+
+
+def test_missing_and_corrupt_checkpoints_fail_clearly(base, tmp_path):
+    with pytest.raises(BaseModelError, match="run the `base` stage"):
+        load_base(tmp_path / "nothing")
+    base.save(tmp_path / "base")
+    (tmp_path / "base/unet/diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(BaseModelError, match="cannot load the base model"):
+        load_base(tmp_path / "base")
+
+
+def test_unknown_class_is_refused_naming_the_value():
+    base = micro_base(num_classes=3)
+    with pytest.raises(BaseModelError, match="c = 7"):
+        sample(base, torch.tensor([0, 7]), [0, 1], CFG)

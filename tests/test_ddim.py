@@ -1,0 +1,35 @@
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from ctrldiff.ddim import ddim_step, timestep_pairs
+
+
+@pytest.fixture
+def scheduler():
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
+
+
+def test_grid_is_leading_and_ends_on_the_clean_image(scheduler):
+    pairs = timestep_pairs(scheduler, 10)
+    assert pairs[0] == (900, 800) and pairs[-1] == (0, -1)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_mean_plus_sigma_noise_is_diffusers_ddim_step(scheduler, eta):
+    g = torch.Generator().manual_seed(0)
+    x, eps, z = (torch.randn(2, 1, 4, 4, generator=g) for _ in range(3))
+    for t, t_prev in timestep_pairs(scheduler, 10):
+        mean, sigma, _ = ddim_step(scheduler, x, eps, t, t_prev, eta)
+        expected = scheduler.step(eps, t, x, eta=eta, variance_noise=z).prev_sample
+        torch.testing.assert_close(mean + sigma * z, expected, atol=1e-5, rtol=1e-5)
+        if eta == 0.0 or t_prev < 0:
+            assert float(sigma) == 0.0
+
+
+def test_x0_prediction_inverts_the_forward_process(scheduler):
+    x0, eps = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    t = 600
+    x_t = scheduler.add_noise(x0, eps, torch.tensor([t]))
+    _, _, x0_hat = ddim_step(scheduler, x_t, eps, t, 500, 1.0)
+    torch.testing.assert_close(x0_hat, x0, atol=1e-4, rtol=1e-4)
