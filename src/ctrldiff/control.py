@@ -1,0 +1,143 @@
+"""The augmented model: the frozen base plus the only parameters CTRL trains.
+
+1. A y-embedding table of K + 1 rows, zero-initialised, put in the UNet's ``class_embedding``
+   slot, so diffusers adds it to the timestep embedding. Row K is NULL (used by classifier-free
+   guidance and by the reference pass); a mask keeps it exactly zero forever.
+2. LoRA adapters (peft, through diffusers' ``add_adapter``) on the attention projections, with
+   B = 0 at initialisation.
+
+Both start as exact no-ops, so the augmented model equals the base at step 0. The frozen
+reference p_pre is the same module with the adapters disabled and y = NULL: no second UNet.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ctrldiff.base import BaseModel
+
+ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+class YEmbedding(nn.Module):
+    """Embedding(K + 1, d) whose NULL row K is held at zero by a mask (so its gradient is zero too).
+
+    ``labels`` may be class indices (B,) or convex weights over the K classes (B, K) for a
+    continuous target, which interpolates the learned rows without retraining.
+    """
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.weight = nn.Parameter(torch.zeros(num_classes + 1, dim))
+        mask = torch.ones(num_classes + 1, 1)
+        mask[num_classes] = 0.0
+        self.register_buffer("mask", mask, persistent=False)
+
+    @property
+    def null_index(self) -> int:
+        return self.num_classes
+
+    def table(self) -> torch.Tensor:
+        return self.weight * self.mask
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        table = self.table()
+        if labels.is_floating_point():
+            return labels @ table[: self.num_classes]
+        return table[labels]
+
+
+@dataclass
+class ControlledModel:
+    """A base model with a y-embedding and LoRA attached; ``base.unet`` is modified in place."""
+
+    base: BaseModel
+    y_classes: list
+    lora_rank: int
+
+    @property
+    def y_embedding(self) -> YEmbedding:
+        return self.base.unet.class_embedding
+
+    @property
+    def y_null(self) -> int:
+        return self.y_embedding.null_index
+
+    def trainable_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(LoRA parameters, y-embedding parameters): they get separate learning rates."""
+        lora = [p for n, p in self.base.unet.named_parameters() if "lora_" in n]
+        return lora, list(self.y_embedding.parameters())
+
+    @contextmanager
+    def reference(self) -> Iterator[None]:
+        """Within this block the UNet is the frozen pre-trained one (adapters off; pass y = NULL)."""
+        self.base.unet.disable_adapters()
+        try:
+            yield
+        finally:
+            self.base.unet.enable_adapters()
+
+    def save(self, directory: str | Path) -> None:
+        """Adapter in peft/diffusers format (``load_lora_adapter``), y-embedding as safetensors."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.base.unet.save_lora_adapter(directory / "lora")
+        save_file(
+            {"weight": self.y_embedding.table().detach().contiguous()}, directory / "y_embedding.safetensors"
+        )
+        info = {
+            "y_classes": self.y_classes,
+            "lora_rank": self.lora_rank,
+            "dim": self.y_embedding.weight.shape[1],
+        }
+        (directory / "control.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _attach_y(base: BaseModel, y_classes: list) -> YEmbedding:
+    """Freeze the base and put a zero y-embedding in the UNet's class_embedding slot."""
+    base.unet.requires_grad_(False)
+    base.encoder.requires_grad_(False)
+    dim = base.unet.time_embedding.linear_2.out_features
+    base.unet.class_embedding = YEmbedding(len(y_classes), dim)
+    return base.unet.class_embedding
+
+
+def add_control(base: BaseModel, y_classes: list, lora_rank: int) -> ControlledModel:
+    """Freeze the base, attach a zero y-embedding and LoRA(rank) on the attention projections."""
+    _attach_y(base, y_classes)
+    config = LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=ATTENTION_PROJECTIONS)
+    base.unet.add_adapter(config)  # peft's default init: B = 0, so the adapter starts as a no-op
+    base.unet.class_embedding.requires_grad_(True)  # peft froze everything but the adapter
+    return ControlledModel(base, list(y_classes), lora_rank)
+
+
+def load_control(base: BaseModel, directory: str | Path) -> ControlledModel:
+    """Base + saved adapter -> a ControlledModel ready to sample(c, y)."""
+    directory = Path(directory)
+    info_path = directory / "control.json"
+    if not info_path.is_file():
+        raise FileNotFoundError(
+            f"{directory}: no CTRL adapter here (control.json missing); run `finetune` first"
+        )
+    info = json.loads(info_path.read_text())
+    y_embedding = _attach_y(base, info["y_classes"])
+    base.unet.load_lora_adapter(
+        str(directory / "lora"),
+        prefix=None,
+        weight_name="pytorch_lora_weights.safetensors",
+        use_safetensors=True,
+    )
+    y_embedding.requires_grad_(True)
+    with torch.no_grad():
+        y_embedding.weight.copy_(load_file(directory / "y_embedding.safetensors")["weight"])
+    return ControlledModel(base, info["y_classes"], info["lora_rank"])

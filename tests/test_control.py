@@ -1,0 +1,63 @@
+import torch
+
+from ctrldiff.control import YEmbedding, add_control, load_control
+from ctrldiff.sampling import SamplerConfig, guided_eps, sample
+from tests.conftest import micro_base
+
+
+def test_augmented_model_equals_the_base_at_initialisation():
+    base, ref = micro_base(), micro_base()
+    model = add_control(base, y_classes=[0, 1, 2, 3], lora_rank=4)
+    x, c, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0]), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            guided_eps(base, x, 500, c, 2.0, y, model.y_null), guided_eps(ref, x, 500, c, 2.0)
+        )
+    lora, emb = model.trainable_parameters()
+    assert lora and emb and all(p.requires_grad for p in lora + emb)
+    assert not any(
+        p.requires_grad for n, p in base.unet.named_parameters() if "lora_" not in n and "class_emb" not in n
+    )
+
+
+def test_null_row_stays_zero_and_gets_no_gradient():
+    emb = YEmbedding(3, 5)
+    with torch.no_grad():
+        emb.weight.normal_()
+    emb(torch.tensor([0, 3, 3, 1])).sum().backward()
+    assert torch.equal(emb(torch.tensor([3])), torch.zeros(1, 5))
+    assert torch.equal(emb.weight.grad[3], torch.zeros(5))
+    # convex weights interpolate the class rows
+    w = torch.tensor([[0.25, 0.75, 0.0]])
+    torch.testing.assert_close(emb(w), 0.25 * emb.weight[0:1] + 0.75 * emb.weight[1:2])
+
+
+def test_reference_context_disables_the_adapters():
+    base, ref = micro_base(), micro_base()
+    model = add_control(base, [0, 1], lora_rank=2)
+    with torch.no_grad():
+        for name, p in base.unet.named_parameters():
+            if "lora_" in name:
+                p.normal_()
+    x, c, y_null = torch.randn(2, 1, 8, 8), torch.tensor([0, 1]), torch.tensor([2, 2])
+    with torch.no_grad():
+        changed = guided_eps(base, x, 300, c, 1.0, y_null)
+        with model.reference():
+            frozen = guided_eps(base, x, 300, c, 1.0, y_null)
+    torch.testing.assert_close(frozen, guided_eps(ref, x, 300, c, 1.0))
+    assert not torch.allclose(changed, frozen)
+
+
+def test_saved_adapter_reloads_to_identical_samples(tmp_path):
+    base = micro_base()
+    model = add_control(base, [0, 1, 2], lora_rank=2)
+    with torch.no_grad():
+        for p in [*model.trainable_parameters()[0], *model.trainable_parameters()[1]]:
+            p.normal_(std=0.1)
+    model.save(tmp_path / "ctrl")
+    loaded = load_control(micro_base(), tmp_path / "ctrl")
+    cfg = SamplerConfig(steps=3)
+    c, y = torch.tensor([0, 1]), torch.tensor([2, 1])
+    a = sample(model.base, c, [1, 2], cfg, y, model.y_null)
+    b = sample(loaded.base, c, [1, 2], cfg, y, loaded.y_null)
+    torch.testing.assert_close(a, b)

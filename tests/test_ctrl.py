@@ -1,0 +1,77 @@
+import pytest
+import torch
+from torch.distributions import MultivariateNormal, kl_divergence
+
+from ctrldiff.classifier import Classifier, SmallCNN
+from ctrldiff.control import add_control
+from ctrldiff.ctrl import CTRLLoss, RolloutConfig, gaussian_kl, rollout
+from ctrldiff.sampling import request_noise
+from tests.conftest import micro_base
+
+CFG = RolloutConfig(steps=4, eta=1.0, guidance_scale=2.0, grad_steps=2)
+
+
+def reward(num_classes=4):
+    torch.manual_seed(3)
+    arch = {"in_channels": 1, "num_classes": num_classes, "width": 8}
+    return Classifier(SmallCNN(**arch), arch).eval().requires_grad_(False)
+
+
+def test_kl_matches_torch_distributions():
+    a, b, sigma = torch.randn(2, 1, 2, 3), torch.randn(2, 1, 2, 3), torch.tensor(0.7)
+    d = a[0].numel()
+    expected = torch.stack(
+        [
+            kl_divergence(
+                MultivariateNormal(a[i].flatten(), sigma**2 * torch.eye(d)),
+                MultivariateNormal(b[i].flatten(), sigma**2 * torch.eye(d)),
+            )
+            for i in range(2)
+        ]
+    )
+    torch.testing.assert_close(gaussian_kl(a, b, sigma, "sum"), expected)
+    torch.testing.assert_close(gaussian_kl(a, b, sigma, "mean"), expected / d)
+
+
+def test_kl_is_zero_at_initialisation():
+    model = add_control(micro_base(), [0, 1, 2, 3], lora_rank=4)
+    noise = request_noise([1, 2, 3], (1, 8, 8), CFG.steps)
+    with torch.no_grad():
+        _, kl_window, kl_total = rollout(model, torch.tensor([0, 1, 2]), torch.tensor([3, 0, 1]), noise, CFG)
+    assert kl_total.abs().max() < 1e-8 and kl_window.abs().max() < 1e-8
+
+
+def test_gradients_reach_lora_and_embedding_but_not_frozen_weights():
+    model = add_control(micro_base(), [0, 1, 2, 3], lora_rank=4)
+    loss_fn = CTRLLoss(reward(), gamma=10.0, cfg=CFG)
+    noise = request_noise([1, 2, 3, 4], (1, 8, 8), CFG.steps)
+    loss, stats, _ = loss_fn(model, torch.tensor([0, 1, 2, 0]), torch.tensor([0, 1, 2, 3]), noise)
+    loss.backward()
+    lora, emb = model.trainable_parameters()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
+    assert emb[0].grad[:4].abs().sum() > 0 and torch.equal(emb[0].grad[4], torch.zeros_like(emb[0].grad[4]))
+    frozen = [p for n, p in model.base.unet.named_parameters() if "lora_" not in n and "class_emb" not in n]
+    assert all(p.grad is None for p in frozen)
+    assert all(p.grad is None for p in model.base.encoder.parameters())
+    assert set(stats) >= {"loss", "reward", "kl"}
+
+
+def test_checkpointing_gives_the_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        model = add_control(micro_base(), [0, 1], lora_rank=2)
+        cfg = RolloutConfig(steps=4, grad_steps=3, checkpointing=ckpt)
+        noise = request_noise([5, 6], (1, 8, 8), cfg.steps)
+        loss, _, _ = CTRLLoss(reward(2), 5.0, cfg)(model, torch.tensor([0, 1]), torch.tensor([1, 0]), noise)
+        loss.backward()
+        grads.append(model.trainable_parameters()[1][0].grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_truncation_limits_which_steps_get_gradients(k):
+    model = add_control(micro_base(), [0, 1], lora_rank=2)
+    cfg = RolloutConfig(steps=4, grad_steps=k)
+    noise = request_noise([5, 6], (1, 8, 8), cfg.steps)
+    x0, kl_window, _ = rollout(model, torch.tensor([0, 1]), torch.tensor([1, 0]), noise, cfg)
+    assert x0.requires_grad and kl_window.requires_grad == (k > 1)  # the last step has no KL term
