@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 
 from ctrldiff.base import load_base
+from ctrldiff.control import load_control
 from ctrldiff.data import png_bytes
 from ctrldiff.io import atomic_dir, write_json
 from ctrldiff.oracles import to_uint8
@@ -18,7 +19,7 @@ from ctrldiff.params import load_params
 from ctrldiff.plots import sample_grid
 from ctrldiff.sampling import SamplerConfig, nfe_per_image, sample_requests
 
-METHODS = ("base",)
+METHODS = ("base", "ctrl")
 
 
 def requests(num_c: int, num_y: int, n: int, seed: int) -> pd.DataFrame:
@@ -40,8 +41,13 @@ def main(argv: list[str] | None = None) -> None:
     cfg = SamplerConfig(params.sample.steps, params.sample.eta, params.sample.guidance_scale)
     req = requests(len(model.classes), num_y, params.sample.n_per_request, params.sample.seed)
     c = torch.tensor(req.c.to_numpy())
-    # The base model ignores y: it is the floor every method is measured against.
-    images, sec = sample_requests(model, c, req.seed.tolist(), cfg, params.sample.batch_size, desc=method)
+    y, y_null = None, None  # the base model ignores y: it is the floor every method is measured against
+    if method == "ctrl":
+        control = load_control(model, "models/ctrl")
+        y, y_null = torch.tensor(req.y.to_numpy()), control.y_null
+    images, sec = sample_requests(
+        model, c, req.seed.tolist(), cfg, params.sample.batch_size, y, y_null, desc=method
+    )
     pixels = to_uint8(images)
 
     req["image"] = [png_bytes(p) for p in pixels]

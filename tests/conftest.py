@@ -28,3 +28,12 @@ def micro_base(seed: int = 0, num_classes: int = 3) -> BaseModel:
 @pytest.fixture
 def base() -> BaseModel:
     return micro_base()
+
+
+def micro_reward(num_classes: int = 4, seed: int = 3):
+    """A random (but seeded, so identical on every process) reward classifier for 8x8 images."""
+    from ctrldiff.classifier import Classifier, SmallCNN
+
+    torch.manual_seed(seed)
+    arch = {"in_channels": 1, "num_classes": num_classes, "width": 8}
+    return Classifier(SmallCNN(**arch), arch, meta={"classes": list(range(num_classes))}).eval()

@@ -61,3 +61,18 @@ def test_saved_adapter_reloads_to_identical_samples(tmp_path):
     a = sample(model.base, c, [1, 2], cfg, y, model.y_null)
     b = sample(loaded.base, c, [1, 2], cfg, y, loaded.y_null)
     torch.testing.assert_close(a, b)
+
+
+def test_unknown_y_is_refused_naming_the_value():
+    import pytest
+
+    model = add_control(micro_base(), [0, 1, 2, 3], lora_rank=2)
+    with pytest.raises(ValueError, match="y = 9"):
+        sample(
+            model.base,
+            torch.tensor([0, 1]),
+            [0, 1],
+            SamplerConfig(steps=2),
+            torch.tensor([1, 9]),
+            model.y_null,
+        )

@@ -11,9 +11,9 @@ import yaml
 from PIL import Image
 
 from ctrldiff.base import BaseModelError, load_stable_diffusion, read_prompts
-from ctrldiff.classifier import Classifier
+from ctrldiff.classifier import Classifier, ClassifierError
 from ctrldiff.data import SourceError, load_pixels
-from stages import base, evaluate, label, sample, train_classifier
+from stages import base, evaluate, finetune, label, sample, train_classifier
 from tests.tiny_sd import build_tiny_sd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,8 +30,10 @@ def smoke_run(tmp_path_factory) -> Path:
         for task in ("compressibility", "digit"):
             train_classifier.main(["--task", task])
         base.main([])
-        sample.main(["--method", "base"])
-        evaluate.main(["--method", "base"])
+        finetune.main([])
+        for method in ("base", "ctrl"):
+            sample.main(["--method", method])
+            evaluate.main(["--method", method])
     return work
 
 
@@ -122,3 +124,29 @@ def test_bad_pretrained_path_or_prompt_file_is_named(tmp_path):
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(BaseModelError, match="empty.txt"):
         read_prompts(tmp_path / "empty.txt")
+
+
+def test_smoke_finetune_writes_adapter_checkpoint_and_log(smoke_run):
+    summary = json.loads((smoke_run / "metrics/finetune.json").read_text())
+    assert summary["updates"] == 2 and summary["trajectories_per_update"] == 2
+    assert json.loads((smoke_run / "models/ctrl_checkpoint/state.json").read_text())["update"] == 2
+    assert (smoke_run / "models/ctrl/lora/pytorch_lora_weights.safetensors").is_file()
+    assert (smoke_run / "metrics/finetune/plots/metrics/reward.tsv").is_file()
+    ctrl = json.loads((smoke_run / "metrics/eval/ctrl.json").read_text())
+    assert ctrl["method"] == "ctrl" and ctrl["cost"] == json.loads(
+        (smoke_run / "metrics/eval/base.json").read_text()
+    )["cost"] | {"seconds_per_image": ctrl["cost"]["seconds_per_image"]}
+
+
+def test_finetune_refuses_a_classifier_of_other_classes(smoke_run, monkeypatch):
+    monkeypatch.chdir(smoke_run)
+    config_path = smoke_run / "models/classifier/compressibility/config.json"
+    good = config_path.read_text()
+    config = json.loads(good)
+    config["meta"]["classes"] = [0, 1, 2]
+    config_path.write_text(json.dumps(config))
+    try:
+        with pytest.raises(ClassifierError, match="classes"):
+            finetune.main([])
+    finally:
+        config_path.write_text(good)

@@ -64,8 +64,8 @@ def rollout(
     pairs = timestep_pairs(base.scheduler, cfg.steps)
     first_grad = len(pairs) - cfg.grad_steps
     x = noise[:, 0]
-    kl_window = torch.zeros(len(x))
-    kl_total = torch.zeros(len(x))
+    kl_window = x.new_zeros(len(x))
+    kl_total = x.new_zeros(len(x))
     for k, (t, t_prev) in enumerate(pairs):
         with_grad = k >= first_grad and torch.is_grad_enabled()
         with torch.set_grad_enabled(with_grad):

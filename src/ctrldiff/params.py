@@ -124,6 +124,28 @@ class SampleParams(_Section):
     seed: int = 1000  # request i uses seed + i
 
 
+class FinetuneParams(_Section):
+    """CTRL fine-tuning: rollouts use the `sample` section's steps, eta and guidance scale."""
+
+    updates: int = Field(150, ge=1)
+    batch_size: int = Field(16, ge=1)  # trajectories per process per micro-step
+    grad_accumulation: int = Field(1, ge=1)
+    grad_steps: int = Field(5, ge=1)  # truncated back-propagation: the last K denoising steps
+    checkpointing: bool = False  # recompute each denoiser call in backward (less memory, more time)
+    lora_rank: int = Field(4, ge=1)
+    lr_lora: float = Field(3e-3, gt=0)
+    lr_embedding: float = Field(3e-2, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    clip_grad_norm: float = Field(5.0, gt=0)
+    kl_reduction: Literal["sum", "mean"] = "sum"  # sum: true KL; mean: the authors' per-dimension KL
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    checkpoint_every: int = Field(25, ge=1)
+    probe_every: int = Field(10, ge=1)
+    probe_per_class: int = Field(4, ge=1)
+
+
 class Params(_Section):
     """The whole ``params.yaml``."""
 
@@ -134,6 +156,7 @@ class Params(_Section):
     classifier: ClassifierParams = ClassifierParams()
     base: BaseParams = BaseParams()
     sample: SampleParams = SampleParams()
+    finetune: FinetuneParams = FinetuneParams()
 
 
 def _key(loc: tuple) -> str:

@@ -72,6 +72,10 @@ def sample(
 ) -> torch.Tensor:
     """Images in [-1, 1] for requests (c[i], y[i]) with noise from seeds[i]."""
     model.check_c(c)
+    if y is not None and not y.is_floating_point():
+        bad = y[(y < 0) | (y >= y_null)]
+        if len(bad):
+            raise ValueError(f"requested y = {int(bad[0])} is not a class of this control: 0..{y_null - 1}")
     noise = request_noise(seeds, model.sample_shape, cfg.steps)
     x = noise[:, 0]
     for k, (t, t_prev) in enumerate(timestep_pairs(model.scheduler, cfg.steps), start=1):

@@ -1,0 +1,198 @@
+"""The CTRL training loop: one function, top to bottom (nanoGPT style).
+
+accelerate provides devices, processes and mixed precision. The trainable parameters (LoRA and
+the y-embedding) have their gradients averaged across processes explicitly after every
+backward, so every rank holds identical parameters (the authors' y-embedding was never synced).
+All randomness of update u comes from generators seeded by (seed, u, rank): a resumed run draws
+exactly what the uninterrupted run would have drawn, and no update reuses another's noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from ctrldiff.classifier import Classifier
+from ctrldiff.control import ControlledModel
+from ctrldiff.ctrl import CTRLLoss, RolloutConfig
+from ctrldiff.evaluation import compressibility_oracle
+from ctrldiff.io import atomic_dir
+from ctrldiff.oracles import to_uint8
+from ctrldiff.params import FinetuneParams, SampleParams
+from ctrldiff.sampling import SamplerConfig, request_noise, sample
+
+
+def config_hash(*sections) -> str:
+    """Fingerprint of the settings a checkpoint belongs to (a changed setting starts afresh)."""
+    text = json.dumps([s.model_dump() if hasattr(s, "model_dump") else s for s in sections], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _trainable(model: ControlledModel) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.base.unet.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(directory: Path, model: ControlledModel, opt, update: int, fingerprint: str) -> None:
+    """Trainable weights, optimizer state and the update count, written atomically."""
+    with atomic_dir(directory) as tmp:
+        save_file(
+            {n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()},
+            tmp / "trainable.safetensors",
+        )
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"update": update, "config": fingerprint}))
+
+
+def load_checkpoint(directory: Path, model: ControlledModel, opt, fingerprint: str) -> int:
+    """Restore a checkpoint of the same configuration; returns the update to continue from (0 if none)."""
+    state_path = directory / "state.json"
+    if not state_path.is_file():
+        return 0
+    state = json.loads(state_path.read_text())
+    if state["config"] != fingerprint:
+        print(f"finetune: checkpoint in {directory} belongs to other settings; starting afresh")
+        return 0
+    weights = load_file(directory / "trainable.safetensors")
+    with torch.no_grad():
+        for name, p in _trainable(model).items():
+            p.copy_(weights[name])
+    opt.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=False))
+    return state["update"]
+
+
+def draw_batch(update: int, rank: int, seed: int, batch: int, num_c: int, num_y: int) -> tuple:
+    """(c, y, noise seeds) of one process at one update: y uniform over classes, c over the base's."""
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, update, rank]).generate_state(1)[0]))
+    c = torch.randint(0, num_c, (batch,), generator=g)
+    y = torch.randint(0, num_y, (batch,), generator=g)
+    seeds = torch.randint(0, 2**62, (batch,), generator=g).tolist()
+    return c, y, seeds
+
+
+@torch.no_grad()
+def probe(model: ControlledModel, label_meta: dict, sampler: SamplerConfig, per_class: int) -> dict:
+    """Oracle statistics on a fixed probe batch: mean JPEG bytes per requested y, and accuracy."""
+    num_y = len(model.y_classes)
+    y = torch.arange(num_y).repeat_interleave(per_class)
+    c = torch.arange(len(y)) % len(model.base.classes)
+    images = sample(model.base, c, [10**6 + i for i in range(len(y))], sampler, y, model.y_null)
+    spec = label_meta["tasks"]["compressibility"]
+    sizes, achieved = compressibility_oracle(to_uint8(images), spec["thresholds"], spec["jpeg_quality"])
+    stats = {f"probe/jpeg_bytes_y{k}": float(sizes[y.numpy() == k].mean()) for k in range(num_y)}
+    stats["probe/oracle_accuracy"] = float((achieved == y.numpy()).mean())
+    return stats
+
+
+def finetune(
+    model: ControlledModel,
+    reward: Classifier,
+    gamma: float,
+    cfg: FinetuneParams,
+    sampler_params: SampleParams,
+    label_meta: dict,
+    seed: int,
+    checkpoint_dir: Path,
+    live=None,
+) -> dict:
+    """Run CTRL updates until ``cfg.updates``, resuming from ``checkpoint_dir`` when possible."""
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # several CPU processes (gloo) when launched with torchrun
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accumulation,
+    )
+    device = accelerator.device
+    set_seed(seed)
+    base = model.base
+    for module in (base.unet, base.encoder, reward, base.vae):
+        if module is not None:
+            module.to(device)
+    reward.requires_grad_(False)
+    lora, emb = model.trainable_parameters()
+    opt = torch.optim.AdamW(
+        [{"params": lora, "lr": cfg.lr_lora}, {"params": emb, "lr": cfg.lr_embedding}],
+        betas=(cfg.beta1, cfg.beta2),
+        weight_decay=cfg.weight_decay,
+    )
+    opt = accelerator.prepare(opt)
+    rollout_cfg = RolloutConfig(
+        sampler_params.steps,
+        sampler_params.eta,
+        sampler_params.guidance_scale,
+        cfg.grad_steps,
+        cfg.checkpointing,
+    )
+    sampler = SamplerConfig(sampler_params.steps, sampler_params.eta, sampler_params.guidance_scale)
+    loss_fn = CTRLLoss(reward, gamma, rollout_cfg, cfg.kl_reduction)
+    # Settings that change what an update computes; `updates` may grow and a run still resumes.
+    recipe = cfg.model_dump(exclude={"updates", "checkpoint_every", "probe_every", "probe_per_class"})
+    fingerprint = config_hash(recipe, sampler_params, gamma, seed, accelerator.num_processes)
+    start = load_checkpoint(checkpoint_dir, model, opt, fingerprint)
+    trajectories = cfg.batch_size * accelerator.num_processes * cfg.grad_accumulation
+    if accelerator.is_main_process:
+        print(
+            f"finetune: {trajectories} trajectories per update = {cfg.batch_size} x "
+            f"{accelerator.num_processes} "
+            f"processes x {cfg.grad_accumulation} accumulation; starting at update {start}"
+        )
+    params = lora + emb
+    history: list[dict] = []
+    bar = tqdm(
+        range(start, cfg.updates), desc="finetune", unit="update", disable=not accelerator.is_main_process
+    )
+    for update in bar:
+        stats_sum: dict[str, float] = {}
+        for micro in range(cfg.grad_accumulation):
+            c, y, seeds = draw_batch(
+                update * cfg.grad_accumulation + micro,
+                accelerator.process_index,
+                seed,
+                cfg.batch_size,
+                len(base.classes),
+                len(model.y_classes),
+            )
+            noise = request_noise(seeds, base.sample_shape, rollout_cfg.steps).to(device)
+            with accelerator.autocast():
+                loss, stats, _ = loss_fn(model, c.to(device), y.to(device), noise)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"finetune: non-finite loss at update {update} ({stats}); the last good checkpoint in "
+                    f"{checkpoint_dir} is intact. Lower finetune.lr_lora / lr_embedding or gamma."
+                )
+            accelerator.backward(loss / cfg.grad_accumulation)
+            for k, v in stats.items():
+                stats_sum[k] = stats_sum.get(k, 0.0) + v / cfg.grad_accumulation
+        # Average the trainable gradients over processes: every rank takes the same step.
+        for p in params:
+            if p.grad is not None:
+                p.grad = accelerator.reduce(p.grad, reduction="mean")
+        stats_sum = {
+            k: float(accelerator.reduce(torch.tensor(v, device=device), "mean")) for k, v in stats_sum.items()
+        }
+        stats_sum["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+        if (update + 1) % cfg.probe_every == 0 or update + 1 == cfg.updates:
+            stats_sum |= probe(model, label_meta, sampler, cfg.probe_per_class)
+        stats_sum["reward_queries"] = (update + 1) * trajectories
+        history.append({"update": update + 1} | stats_sum)
+        bar.set_postfix(reward=f"{stats_sum['reward']:.3f}", kl=f"{stats_sum['kl']:.2f}", refresh=False)
+        if live is not None and accelerator.is_main_process:
+            live.step = update + 1
+            for k, v in stats_sum.items():
+                live.log_metric(k, v)
+            live.next_step()
+        if accelerator.is_main_process and (
+            (update + 1) % cfg.checkpoint_every == 0 or update + 1 == cfg.updates
+        ):
+            save_checkpoint(checkpoint_dir, model, opt, update + 1, fingerprint)
+        accelerator.wait_for_everyone()
+    return {"start_update": start, "history": history, "trajectories_per_update": trajectories}

@@ -1,0 +1,109 @@
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ctrldiff.control import add_control
+from ctrldiff.finetune import draw_batch, finetune
+from ctrldiff.io import read_json
+from ctrldiff.params import FinetuneParams, SampleParams
+from tests.conftest import micro_base, micro_reward
+from tests.ddp_worker import LABEL_META
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLER = SampleParams(steps=3)
+
+
+def run(updates: int, ckpt: Path, gamma: float = 10.0, **kw):
+    model = add_control(micro_base(), [0, 1, 2, 3], lora_rank=2)
+    torch.manual_seed(0)
+    cfg = FinetuneParams(
+        updates=updates,
+        batch_size=2,
+        grad_steps=2,
+        checkpoint_every=1,
+        probe_every=2,
+        probe_per_class=1,
+        lr_lora=1e-2,
+        lr_embedding=1e-1,
+        **kw,
+    )
+    result = finetune(model, micro_reward(), gamma, cfg, SAMPLER, LABEL_META, 0, ckpt)
+    return model, result
+
+
+def trainable(model):
+    return {n: p.detach().clone() for n, p in model.base.unet.named_parameters() if p.requires_grad}
+
+
+def test_updates_move_the_parameters_keep_null_zero_and_log(tmp_path):
+    model, result = run(2, tmp_path / "ckpt")
+    emb = model.y_embedding.weight
+    assert emb[:4].abs().sum() > 0 and torch.equal(emb[4], torch.zeros_like(emb[4]))
+    assert [h["update"] for h in result["history"]] == [1, 2]
+    assert {"reward", "kl", "loss", "probe/jpeg_bytes_y0", "probe/oracle_accuracy"} <= set(
+        result["history"][1]
+    )
+    assert result["history"][1]["reward_queries"] == 4
+
+
+def test_resume_continues_from_the_saved_update_and_matches_an_uninterrupted_run(tmp_path):
+    full, _ = run(3, tmp_path / "full")
+    run(2, tmp_path / "ckpt")  # "killed" after update 2
+    assert read_json(tmp_path / "ckpt/state.json")["update"] == 2
+    resumed, result = run(3, tmp_path / "ckpt")
+    assert result["start_update"] == 2 and [h["update"] for h in result["history"]] == [3]
+    for name, p in trainable(full).items():
+        torch.testing.assert_close(trainable(resumed)[name], p)
+
+
+def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path):
+    run(1, tmp_path / "ckpt")
+    before = (tmp_path / "ckpt/trainable.safetensors").read_bytes()
+    with pytest.raises(FloatingPointError, match="non-finite loss.*checkpoint"):
+        run(3, tmp_path / "ckpt", gamma=float("nan"))
+    assert (tmp_path / "ckpt/trainable.safetensors").read_bytes() == before
+    assert read_json(tmp_path / "ckpt/state.json")["update"] == 1
+
+
+def test_each_update_and_rank_draw_their_own_noise():
+    a = draw_batch(0, 0, 0, 4, 10, 4)
+    again = draw_batch(0, 0, 0, 4, 10, 4)
+    assert torch.equal(again[0], a[0]) and torch.equal(again[1], a[1]) and again[2] == a[2]
+    assert draw_batch(1, 0, 0, 4, 10, 4)[2] != a[2] and draw_batch(0, 1, 0, 4, 10, 4)[2] != a[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_hold_identical_trainable_parameters(tmp_path):
+    """torchrun starts 2 CPU processes (gloo); accelerate picks them up as MULTI_CPU."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(ROOT / "tests/ddp_worker.py"),
+        str(tmp_path),
+    ]
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 x 2 processes" in proc.stdout
+    r0, r1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    assert r0.keys() == r1.keys() and any("class_embedding" in k for k in r0)
+    for name in r0:
+        torch.testing.assert_close(r0[name], r1[name], rtol=0, atol=0, msg=name)
+    init = trainable(add_control(micro_base(), [0, 1, 2, 3], lora_rank=2))
+    assert any(not torch.equal(r0[n], init[n]) for n in r0 if "lora_B" in n or "class_embedding" in n)
