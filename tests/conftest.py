@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ctrldiff.base import BaseModel, build_embedded
-from ctrldiff.params import BaseParams
+from ctrldiff.params import BaseParams, FinetuneParams
 
 MICRO = BaseParams(
     block_out_channels=[16, 32],
@@ -37,3 +37,18 @@ def micro_reward(num_classes: int = 4, seed: int = 3):
     torch.manual_seed(seed)
     arch = {"in_channels": 1, "num_classes": num_classes, "width": 8}
     return Classifier(SmallCNN(**arch), arch, meta={"classes": list(range(num_classes))}).eval()
+
+
+# Label metadata of a 4-class compressibility task, for the probe's oracle.
+LABEL_META = {
+    "tasks": {
+        "compressibility": {"thresholds": [300.0, 250.0, 200.0], "jpeg_quality": 95, "classes": [0, 1, 2, 3]}
+    }
+}
+
+
+def micro_finetune(**overrides) -> FinetuneParams:
+    """CTRL settings small enough for a micro base: 2 trajectories, gradients through 2 steps."""
+    return FinetuneParams(
+        **({"batch_size": 2, "grad_steps": 2, "lr_lora": 1e-2, "lr_embedding": 1e-1} | overrides)
+    )

@@ -10,28 +10,14 @@ from safetensors.torch import save_file
 
 from ctrldiff.control import add_control
 from ctrldiff.finetune import finetune
-from ctrldiff.params import FinetuneParams, SampleParams
-from tests.conftest import micro_base, micro_reward
-
-LABEL_META = {
-    "tasks": {
-        "compressibility": {"thresholds": [300.0, 250.0, 200.0], "jpeg_quality": 95, "classes": [0, 1, 2, 3]}
-    }
-}
+from ctrldiff.params import SampleParams
+from tests.conftest import LABEL_META, micro_base, micro_finetune, micro_reward
 
 
 def main(out: Path) -> None:
     model = add_control(micro_base(), [0, 1, 2, 3], lora_rank=2)
     set_seed(0)
-    cfg = FinetuneParams(
-        updates=3,
-        batch_size=2,
-        grad_steps=2,
-        probe_every=100,
-        checkpoint_every=100,
-        lr_lora=1e-2,
-        lr_embedding=1e-1,
-    )
+    cfg = micro_finetune(updates=3, probe_every=100, checkpoint_every=100)
     finetune(model, micro_reward(), 10.0, cfg, SampleParams(steps=3), LABEL_META, 0, out / "ckpt")
     state = PartialState()  # initialised by finetune's Accelerator
     params = {n: p.detach().contiguous() for n, p in model.base.unet.named_parameters() if p.requires_grad}

@@ -11,9 +11,8 @@ from safetensors.torch import load_file
 from ctrldiff.control import add_control
 from ctrldiff.finetune import draw_batch, finetune
 from ctrldiff.io import read_json
-from ctrldiff.params import FinetuneParams, SampleParams
-from tests.conftest import micro_base, micro_reward
-from tests.ddp_worker import LABEL_META
+from ctrldiff.params import SampleParams
+from tests.conftest import LABEL_META, micro_base, micro_finetune, micro_reward
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLER = SampleParams(steps=3)
@@ -22,17 +21,7 @@ SAMPLER = SampleParams(steps=3)
 def run(updates: int, ckpt: Path, gamma: float = 10.0, **kw):
     model = add_control(micro_base(), [0, 1, 2, 3], lora_rank=2)
     torch.manual_seed(0)
-    cfg = FinetuneParams(
-        updates=updates,
-        batch_size=2,
-        grad_steps=2,
-        checkpoint_every=1,
-        probe_every=2,
-        probe_per_class=1,
-        lr_lora=1e-2,
-        lr_embedding=1e-1,
-        **kw,
-    )
+    cfg = micro_finetune(updates=updates, checkpoint_every=1, probe_every=2, probe_per_class=1, **kw)
     result = finetune(model, micro_reward(), gamma, cfg, SAMPLER, LABEL_META, 0, ckpt)
     return model, result
 
