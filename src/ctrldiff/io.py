@@ -15,8 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -61,9 +59,3 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
-
-
-def write_parquet(path: str | Path, frame: pd.DataFrame) -> None:
-    """Write a DataFrame as Parquet (pyarrow), atomically."""
-    with atomic_path(path) as tmp:
-        frame.to_parquet(tmp, engine="pyarrow", index=False)

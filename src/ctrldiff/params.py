@@ -71,7 +71,6 @@ class LabelParams(_Section):
 class ClassifierParams(_Section):
     """The small CNN trained on (image, label) pairs and temperature-calibrated."""
 
-    tasks: list[Literal["compressibility", "digit", "ink"]] = ["compressibility", "digit", "ink"]
     epochs: int = Field(15, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(2e-3, gt=0)
