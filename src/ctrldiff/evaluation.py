@@ -56,7 +56,7 @@ def features_and_predictions(
         x = to_model_space(pixels[i : i + batch])
         f = clf.features(x)
         feats.append(f.numpy())
-        preds.append((clf.net.head(f) / clf.temperature).argmax(-1).numpy())
+        preds.append(clf.net.head(f).argmax(-1).numpy())  # the temperature does not change the argmax
     return np.concatenate(feats), np.concatenate(preds)
 
 
@@ -64,12 +64,11 @@ def fidelity(
     digit_clf: Classifier,
     pixels: np.ndarray,
     c: np.ndarray,
-    real_pixels: np.ndarray,
+    real_feats: np.ndarray,
     real_c: np.ndarray,
 ) -> dict:
-    """c_accuracy and the mean per-class Fréchet distance of generated images to real ones."""
+    """c_accuracy and the mean per-class Fréchet distance of generated images to real features."""
     feats, preds = features_and_predictions(digit_clf, pixels)
-    real_feats, _ = features_and_predictions(digit_clf, real_pixels)
     per_class = [frechet_distance(feats[c == k], real_feats[real_c == k]) for k in np.unique(c)]
     return {"c_accuracy": float((preds == c).mean()), "frechet": float(np.mean(per_class))}
 
@@ -93,7 +92,8 @@ def evaluate_samples(
     sizes, achieved = compressibility_oracle(pixels, spec["thresholds"], spec["jpeg_quality"])
     num_classes = len(spec["classes"])
     train_pixels, train_c = real["train"]
-    fid = fidelity(digit_clf, pixels, c, train_pixels, train_c)
+    train_feats, _ = features_and_predictions(digit_clf, train_pixels)  # once, for both comparisons
+    fid = fidelity(digit_clf, pixels, c, train_feats, train_c)
 
     # Reference: as many held-out real digits per class as there are generated ones.
     val_pixels, val_c = real["val"]
@@ -104,7 +104,7 @@ def evaluate_samples(
             for k in np.unique(c)
         ]
     )
-    ref = fidelity(digit_clf, val_pixels[pick], val_c[pick], train_pixels, train_c)
+    ref = fidelity(digit_clf, val_pixels[pick], val_c[pick], train_feats, train_c)
     return {
         "method": method,
         "n_per_class": int(len(y) // num_classes),
