@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
 
     base = load_base("models/base")
     set_seed(params.seed)  # identical LoRA initialisation on every process
-    model = add_control(base, spec["classes"], params.finetune.lora_rank)
+    model = add_control(base, spec["classes"], params.finetune.lora_rank, params.finetune.lora_targets)
     start = time.perf_counter()
     with Live("metrics/finetune", resume=CHECKPOINT.exists(), dvcyaml=None, save_dvc_exp=False) as live:
         result = finetune(

@@ -1,13 +1,18 @@
+import pytest
 import torch
 
-from ctrldiff.control import YEmbedding, add_control, load_control
+from ctrldiff.control import ATTENTION_PROJECTIONS, RESNET_CONVS, YEmbedding, add_control, load_control
 from ctrldiff.sampling import SamplerConfig, guided_eps, sample
 from tests.conftest import micro_base
 
 
-def test_augmented_model_equals_the_base_at_initialisation():
+@pytest.mark.parametrize("targets", [None, ATTENTION_PROJECTIONS + RESNET_CONVS])
+def test_augmented_model_equals_the_base_at_initialisation(targets):
     base, ref = micro_base(), micro_base()
-    model = add_control(base, y_classes=[0, 1, 2, 3], lora_rank=4)
+    model = add_control(base, y_classes=[0, 1, 2, 3], lora_rank=4, lora_targets=targets)
+    lora_names = [n for n, _ in base.unet.named_parameters() if "lora_" in n]
+    adapted = {n.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for n in lora_names}
+    assert ("conv1" in adapted) == (targets is not None) and "to_q" in adapted
     x, c, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0]), torch.tensor([0, 1, 2, 3])
     with torch.no_grad():
         torch.testing.assert_close(
@@ -50,7 +55,7 @@ def test_reference_context_disables_the_adapters():
 
 def test_saved_adapter_reloads_to_identical_samples(tmp_path):
     base = micro_base()
-    model = add_control(base, [0, 1, 2], lora_rank=2)
+    model = add_control(base, [0, 1, 2], lora_rank=2, lora_targets=ATTENTION_PROJECTIONS + RESNET_CONVS)
     with torch.no_grad():
         for p in [*model.trainable_parameters()[0], *model.trainable_parameters()[1]]:
             p.normal_(std=0.1)
@@ -64,8 +69,6 @@ def test_saved_adapter_reloads_to_identical_samples(tmp_path):
 
 
 def test_unknown_y_is_refused_naming_the_value():
-    import pytest
-
     model = add_control(micro_base(), [0, 1, 2, 3], lora_rank=2)
     with pytest.raises(ValueError, match="y = 9"):
         sample(

@@ -39,6 +39,8 @@ def test_shipped_params_files_are_valid():
         ({"data.source": "imagenet"}, "data.source"),
         ({"data.source": "folder"}, "data.path"),  # a folder source needs a path
         ({"label.binning": "thresholds", "label.thresholds": [800]}, "label.thresholds"),
+        ({"finetune.grad_steps": 11}, "finetune.grad_steps"),  # window longer than the rollout
+        ({"finetune.lora_targets": []}, "finetune.lora_targets"),
     ],
 )
 def test_bad_parameters_fail_naming_the_key(tmp_path, overrides, key):

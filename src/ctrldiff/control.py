@@ -3,8 +3,8 @@
 1. A y-embedding table of K + 1 rows, zero-initialised, put in the UNet's ``class_embedding``
    slot, so diffusers adds it to the timestep embedding. Row K is NULL (used by classifier-free
    guidance and by the reference pass); a mask keeps it exactly zero forever.
-2. LoRA adapters (peft, through diffusers' ``add_adapter``) on the attention projections, with
-   B = 0 at initialisation.
+2. LoRA adapters (peft, through diffusers' ``add_adapter``) on the attention projections (the
+   paper) and optionally the ResNet convolutions, with B = 0 at initialisation.
 
 Both start as exact no-ops, so the augmented model equals the base at step 0. The frozen
 reference p_pre is the same module with the adapters disabled and y = NULL: no second UNet.
@@ -26,6 +26,7 @@ from torch import nn
 from ctrldiff.base import BaseModel
 
 ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]
+RESNET_CONVS = ["conv1", "conv2"]  # every ResNet block's two 3x3 convolutions
 
 
 class YEmbedding(nn.Module):
@@ -64,6 +65,7 @@ class ControlledModel:
     base: BaseModel
     y_classes: list
     lora_rank: int
+    lora_targets: list[str]
 
     @property
     def y_embedding(self) -> YEmbedding:
@@ -98,6 +100,7 @@ class ControlledModel:
         info = {
             "y_classes": self.y_classes,
             "lora_rank": self.lora_rank,
+            "lora_targets": self.lora_targets,
             "dim": self.y_embedding.weight.shape[1],
         }
         (directory / "control.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -112,13 +115,19 @@ def _attach_y(base: BaseModel, y_classes: list) -> YEmbedding:
     return base.unet.class_embedding
 
 
-def add_control(base: BaseModel, y_classes: list, lora_rank: int) -> ControlledModel:
-    """Freeze the base, attach a zero y-embedding and LoRA(rank) on the attention projections."""
+def add_control(
+    base: BaseModel, y_classes: list, lora_rank: int, lora_targets: list[str] | None = None
+) -> ControlledModel:
+    """Freeze the base, attach a zero y-embedding and LoRA(rank) on ``lora_targets``.
+
+    ``lora_targets`` are module-name suffixes (peft's ``target_modules``); default: attention.
+    """
+    lora_targets = list(lora_targets or ATTENTION_PROJECTIONS)
     _attach_y(base, y_classes)
-    config = LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=ATTENTION_PROJECTIONS)
+    config = LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=lora_targets)
     base.unet.add_adapter(config)  # peft's default init: B = 0, so the adapter starts as a no-op
     base.unet.class_embedding.requires_grad_(True)  # peft froze everything but the adapter
-    return ControlledModel(base, list(y_classes), lora_rank)
+    return ControlledModel(base, list(y_classes), lora_rank, lora_targets)
 
 
 def load_control(base: BaseModel, directory: str | Path) -> ControlledModel:
@@ -140,4 +149,6 @@ def load_control(base: BaseModel, directory: str | Path) -> ControlledModel:
     y_embedding.requires_grad_(True)
     with torch.no_grad():
         y_embedding.weight.copy_(load_file(directory / "y_embedding.safetensors")["weight"])
-    return ControlledModel(base, info["y_classes"], info["lora_rank"])
+    return ControlledModel(
+        base, info["y_classes"], info["lora_rank"], info.get("lora_targets", ATTENTION_PROJECTIONS)
+    )

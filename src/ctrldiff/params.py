@@ -115,12 +115,15 @@ class BaseParams(_Section):
 class SampleParams(_Section):
     """The evaluation sampler: a balanced set of (c, y) requests with fixed seeds."""
 
-    steps: int = Field(20, ge=1)
+    steps: int = Field(10, ge=1)
     eta: float = Field(1.0, ge=0.0)
     guidance_scale: float = Field(2.0, ge=1.0)
     n_per_request: int = Field(8, ge=1)  # images per (c, y) pair
     batch_size: int = Field(80, ge=1)
     seed: int = 1000  # request i uses seed + i
+
+
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")  # the paper's LoRA targets
 
 
 class FinetuneParams(_Section):
@@ -129,9 +132,11 @@ class FinetuneParams(_Section):
     updates: int = Field(150, ge=1)
     batch_size: int = Field(16, ge=1)  # trajectories per process per micro-step
     grad_accumulation: int = Field(1, ge=1)
-    grad_steps: int = Field(5, ge=1)  # truncated back-propagation: the last K denoising steps
+    grad_steps: int = Field(10, ge=1)  # truncated back-propagation: the last K denoising steps
     checkpointing: bool = False  # recompute each denoiser call in backward (less memory, more time)
     lora_rank: int = Field(4, ge=1)
+    # peft target_modules (name suffixes): attention projections, plus ResNet convs conv1/conv2
+    lora_targets: list[str] = Field(default_factory=lambda: list(ATTENTION), min_length=1)
     lr_lora: float = Field(3e-3, gt=0)
     lr_embedding: float = Field(3e-2, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -156,6 +161,15 @@ class Params(_Section):
     base: BaseParams = BaseParams()
     sample: SampleParams = SampleParams()
     finetune: FinetuneParams = FinetuneParams()
+
+    @model_validator(mode="after")
+    def _window_within_rollout(self) -> Params:
+        if self.finetune.grad_steps > self.sample.steps:
+            raise ValueError(
+                f"finetune.grad_steps = {self.finetune.grad_steps} exceeds sample.steps = "
+                f"{self.sample.steps}: the gradient window cannot be longer than the rollout"
+            )
+        return self
 
 
 def _key(loc: tuple) -> str:

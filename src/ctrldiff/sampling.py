@@ -8,6 +8,7 @@ every method is compared on the same noise.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,27 @@ def guided_eps(
     return eps_u + scale * (eps_c - eps_u)
 
 
+def ddim_cfg_step(
+    model: BaseModel,
+    x: torch.Tensor,
+    t: int,
+    t_prev: int,
+    z: torch.Tensor,
+    c: torch.Tensor,
+    cfg: SamplerConfig,
+    y: torch.Tensor | None = None,
+    y_null: int | None = None,
+) -> torch.Tensor:
+    """The plain step x_t -> x_t_prev: guided noise prediction, DDIM mean, plus sigma times z."""
+    eps = guided_eps(model, x, t, c, cfg.guidance_scale, y, y_null)
+    mean, sigma, _ = ddim_step(model.scheduler, x, eps, t, t_prev, cfg.eta)
+    return mean + sigma * z
+
+
+# A sampling step with the signature of ``ddim_cfg_step``; guidance methods supply their own.
+Step = Callable[..., torch.Tensor]
+
+
 def nfe_per_image(cfg: SamplerConfig) -> int:
     """Denoiser evaluations per image (the guided branch and the NULL branch count separately)."""
     return cfg.steps * (1 if cfg.guidance_scale == 1.0 else 2)
@@ -69,8 +91,13 @@ def sample(
     cfg: SamplerConfig,
     y: torch.Tensor | None = None,
     y_null: int | None = None,
+    step: Step = ddim_cfg_step,
 ) -> torch.Tensor:
-    """Images in [-1, 1] for requests (c[i], y[i]) with noise from seeds[i]."""
+    """Images in [-1, 1] for requests (c[i], y[i]) with noise from seeds[i].
+
+    ``step`` is the transition x_t -> x_t_prev: the plain guided DDIM step by default, or a
+    guidance method's (which may enable gradients inside it).
+    """
     model.check_c(c)
     if y is not None and not y.is_floating_point():
         bad = y[(y < 0) | (y >= y_null)]
@@ -79,9 +106,7 @@ def sample(
     noise = request_noise(seeds, model.sample_shape, cfg.steps)
     x = noise[:, 0]
     for k, (t, t_prev) in enumerate(timestep_pairs(model.scheduler, cfg.steps), start=1):
-        eps = guided_eps(model, x, t, c, cfg.guidance_scale, y, y_null)
-        mean, sigma, _ = ddim_step(model.scheduler, x, eps, t, t_prev, cfg.eta)
-        x = mean + sigma * noise[:, k]
+        x = step(model, x, t, t_prev, noise[:, k], c, cfg, y, y_null)
     return model.decode(x).clamp(-1, 1)
 
 
@@ -94,11 +119,12 @@ def sample_requests(
     y: torch.Tensor | None = None,
     y_null: int | None = None,
     desc: str = "sample",
+    step: Step = ddim_cfg_step,
 ) -> tuple[torch.Tensor, float]:
     """Sample many requests in batches with a progress bar; returns (images, seconds per image)."""
     out = []
     start = time.perf_counter()
     for i in tqdm(range(0, len(c), batch_size), desc=desc, unit="batch"):
         sl = slice(i, i + batch_size)
-        out.append(sample(model, c[sl], seeds[sl], cfg, None if y is None else y[sl], y_null))
+        out.append(sample(model, c[sl], seeds[sl], cfg, None if y is None else y[sl], y_null, step))
     return torch.cat(out), (time.perf_counter() - start) / len(c)
