@@ -8,7 +8,8 @@ every method is compared on the same noise.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +77,22 @@ def ddim_cfg_step(
 
 # A sampling step with the signature of ``ddim_cfg_step``; guidance methods supply their own.
 Step = Callable[..., torch.Tensor]
+
+
+@contextmanager
+def count_evaluations(unet: torch.nn.Module) -> Iterator[list[int]]:
+    """Count denoiser evaluations (batch rows through ``unet``'s forward) inside the block: [count]."""
+    count = [0]
+
+    def hook(module, args, kwargs):
+        sample = kwargs.get("sample", args[0] if args else None)
+        count[0] += len(sample)
+
+    handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield count
+    finally:
+        handle.remove()
 
 
 def nfe_per_image(cfg: SamplerConfig) -> int:
