@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         real,
         sample_meta["cost"],
     )
+    metrics["scale"] = sample_meta.get("scale")  # the guidance scale `tune` chose (None: no scale)
     write_json(f"metrics/eval/{method}.json", metrics)
     task = metrics["tasks"]["compressibility"]
     fid = metrics["fidelity"]

@@ -202,6 +202,20 @@ def calibration_report(logits: torch.Tensor, labels: torch.Tensor, temperature: 
     }
 
 
+def task_tensors(
+    table: pd.DataFrame, meta: dict, task: str, split: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images in [-1, 1], class indices and c of one split's rows that carry this task's label.
+
+    Rows without the label (-1, e.g. the other half in multi-task) are left out.
+    """
+    spec = meta["tasks"][task]
+    part = table[(table[spec["column"]] >= 0) & (table.split == split)]
+    x = to_model_space(table_images(part, meta["resolution"], meta["channels"]))
+    y = torch.tensor(part[spec["column"]].map({c: i for i, c in enumerate(spec["classes"])}).to_numpy())
+    return x, y.long(), torch.tensor(part["c"].to_numpy()).long()
+
+
 def fit_task(
     table: pd.DataFrame, meta: dict, task: str, cfg: ClassifierParams, seed: int
 ) -> tuple[Classifier, dict]:
@@ -216,17 +230,10 @@ def fit_task(
         )
     spec = meta["tasks"][task]
     classes = spec["classes"]
-    rows = table[table[spec["column"]] >= 0]
     if len(classes) < 2:
         raise ClassifierError(f"task {task!r} has {len(classes)} class(es); a classifier needs at least 2")
-
-    def tensors(part: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
-        x = to_model_space(table_images(part, meta["resolution"], meta["channels"]))
-        y = torch.tensor(part[spec["column"]].map({c: i for i, c in enumerate(classes)}).to_numpy())
-        return x, y.long()
-
-    x_train, y_train = tensors(rows[rows.split == "train"])
-    x_val, y_val = tensors(rows[rows.split == "val"])
+    x_train, y_train, _ = task_tensors(table, meta, task, "train")
+    x_val, y_val, _ = task_tensors(table, meta, task, "val")
     net = train_network(x_train, y_train, len(classes), cfg, seed, desc=f"train {task}")
 
     val_logits = predict_logits(net, x_val)

@@ -113,3 +113,26 @@ def evaluate_samples(
         | {"frechet_real_heldout": ref["frechet"], "c_accuracy_real_heldout": ref["c_accuracy"]},
         "cost": cost,
     }
+
+
+def tuning_scores(
+    pixels: np.ndarray, c: np.ndarray, y: np.ndarray, label_meta: dict, digit_clf: Classifier
+) -> dict:
+    """Oracle accuracy and macro-F1 of the control, and c_accuracy: what a scale sweep compares."""
+    spec = label_meta["tasks"]["compressibility"]
+    sizes, achieved = compressibility_oracle(pixels, spec["thresholds"], spec["jpeg_quality"])
+    task = task_metrics(y, achieved, sizes, len(spec["classes"]))
+    _, preds = features_and_predictions(digit_clf, pixels)
+    return {
+        "accuracy": task["accuracy"],
+        "macro_f1": task["macro_f1"],
+        "c_accuracy": float((preds == c).mean()),
+    }
+
+
+def pick_scale(results: list[dict], min_c_accuracy: float) -> dict:
+    """The best macro-F1 among scales keeping c_accuracy >= the floor; else the most faithful scale."""
+    faithful = [r for r in results if r["c_accuracy"] >= min_c_accuracy]
+    if faithful:
+        return max(faithful, key=lambda r: (r["macro_f1"], r["c_accuracy"]))
+    return max(results, key=lambda r: (r["c_accuracy"], r["macro_f1"]))

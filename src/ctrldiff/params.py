@@ -150,6 +150,26 @@ class FinetuneParams(_Section):
     probe_per_class: int = Field(4, ge=1)
 
 
+class BaselinesParams(_Section):
+    """The guidance baselines: each method's scale is picked by a sweep on seeds of its own."""
+
+    tune_per_request: int = Field(1, ge=1)  # images per (c, y) for each candidate scale
+    tune_seed: int = 50_000  # tuning request i uses tune_seed + i, disjoint from sample.seed's
+    min_c_accuracy: float = Field(0.9, ge=0, le=1)  # pick the best macro-F1 at or above this fidelity
+    reconstruction: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0], min_length=1)
+    dps: list[float] = Field(default_factory=lambda: [0.05, 0.1, 0.2, 0.4], min_length=1)
+    classifier_guidance: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0], min_length=1)
+    cfg: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0], min_length=1)  # w_y
+    svdd: list[int] = Field(default_factory=lambda: [2, 4, 8], min_length=1)  # candidates M
+    svdd_temperature: float = Field(0.0, ge=0)  # 0: keep the best candidate
+    noisy_classifier_steps: int = Field(1500, ge=1)
+    noisy_classifier_batch: int = Field(128, ge=1)
+    noisy_classifier_lr: float = Field(2e-3, gt=0)
+    cfg_train_steps: int = Field(600, ge=1)
+    cfg_batch_size: int = Field(64, ge=1)
+    cfg_dropout: float = Field(0.1, ge=0, lt=1)  # y and c dropped to NULL independently
+
+
 class Params(_Section):
     """The whole ``params.yaml``."""
 
@@ -161,6 +181,7 @@ class Params(_Section):
     base: BaseParams = BaseParams()
     sample: SampleParams = SampleParams()
     finetune: FinetuneParams = FinetuneParams()
+    baselines: BaselinesParams = BaselinesParams()
 
     @model_validator(mode="after")
     def _window_within_rollout(self) -> Params:

@@ -1,0 +1,57 @@
+"""Every sampling method of the comparison, by name: the model it samples and its sampling step.
+
+The stages `tune`, `sample` and `evaluate` go through this one table, so all methods share the
+seeds, the DDIM settings and the evaluation; only the step (or the trained control) differs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ctrldiff.base import BaseModel, load_base
+from ctrldiff.classifier import Classifier
+from ctrldiff.control import load_control
+from ctrldiff.guidance.cfg import CFGOnY
+from ctrldiff.guidance.classifier_guidance import ClassifierGuidance, load_noisy_classifier
+from ctrldiff.guidance.dps import DPS
+from ctrldiff.guidance.reconstruction import ReconstructionGuidance
+from ctrldiff.guidance.svdd import SVDD
+from ctrldiff.sampling import Step, ddim_cfg_step
+
+METHODS = ("base", "ctrl", "reconstruction", "dps", "classifier_guidance", "cfg", "svdd")
+TUNED = ("reconstruction", "dps", "classifier_guidance", "cfg", "svdd")  # a scale picked by `tune`
+
+
+def build(
+    method: str, scale: float | None, num_y: int, models: Path = Path("models"), svdd_temperature: float = 0.0
+) -> tuple[BaseModel, Step, int | None]:
+    """(model, step, y_null) of a method; y_null None means the method ignores y (the base)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    if method in TUNED and scale is None:
+        raise ValueError(f"method {method!r} needs a guidance scale (run the `tune` stage first)")
+    base = load_base(models / "base")
+    if method == "base":
+        return base, ddim_cfg_step, None
+    if method in ("ctrl", "cfg"):
+        control = load_control(base, models / method)
+        return base, ddim_cfg_step if method == "ctrl" else CFGOnY(scale), control.y_null
+    if method == "classifier_guidance":
+        noisy = load_noisy_classifier(models / "noisy_classifier", base.scheduler)
+        return base, ClassifierGuidance(noisy, scale), num_y
+    reward = Classifier.load(models / "classifier" / "compressibility").requires_grad_(False)
+    if method == "reconstruction":
+        return base, ReconstructionGuidance(reward, scale), num_y
+    if method == "dps":
+        return base, DPS(reward, scale), num_y
+    return base, SVDD(reward, int(scale), svdd_temperature), num_y
+
+
+def balanced_requests(num_c: int, num_y: int, n: int, seed: int) -> pd.DataFrame:
+    """Every (c, y) pair n times; request i uses seed + i, the same for every method."""
+    c, y = np.meshgrid(np.arange(num_c), np.arange(num_y), indexing="ij")
+    c, y = np.repeat(c.ravel(), n), np.repeat(y.ravel(), n)
+    return pd.DataFrame({"c": c, "y": y, "seed": seed + np.arange(len(c))})
