@@ -18,11 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLER = SampleParams(steps=3)
 
 
-def run(updates: int, ckpt: Path, gamma: float = 10.0, **kw):
+def run(updates: int, ckpt: Path, gamma: float = 10.0, reward=None, **kw):
     model = add_control(micro_base(), [0, 1, 2, 3], lora_rank=2)
     torch.manual_seed(0)
     cfg = micro_finetune(updates=updates, checkpoint_every=1, probe_every=2, probe_per_class=1, **kw)
-    result = finetune(model, micro_reward(), gamma, cfg, SAMPLER, LABEL_META, 0, ckpt)
+    result = finetune(model, reward or micro_reward(), gamma, cfg, SAMPLER, LABEL_META, 0, ckpt)
     return model, result
 
 
@@ -49,6 +49,15 @@ def test_resume_continues_from_the_saved_update_and_matches_an_uninterrupted_run
     assert result["start_update"] == 2 and [h["update"] for h in result["history"]] == [3]
     for name, p in trainable(full).items():
         torch.testing.assert_close(trainable(resumed)[name], p)
+
+
+def test_a_checkpoint_trained_against_another_reward_classifier_is_not_resumed(tmp_path):
+    run(2, tmp_path / "ckpt")
+    other = micro_reward()
+    with torch.no_grad():
+        other.net.head.bias.add_(1.0)
+    _, result = run(3, tmp_path / "ckpt", reward=other)
+    assert result["start_update"] == 0
 
 
 def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path):

@@ -36,6 +36,16 @@ def config_hash(*sections) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def weights_hash(*modules: torch.nn.Module) -> str:
+    """Fingerprint of modules' weights: a checkpoint trained against another reward or base is not resumed."""
+    digest = hashlib.sha256()
+    for module in modules:
+        for name, tensor in module.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _trainable(model: ControlledModel) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.base.unet.named_parameters() if p.requires_grad}
 
@@ -133,7 +143,14 @@ def finetune(
     loss_fn = CTRLLoss(reward, gamma, rollout_cfg, cfg.kl_reduction)
     # Settings that change what an update computes; `updates` may grow and a run still resumes.
     recipe = cfg.model_dump(exclude={"updates", "checkpoint_every", "probe_every", "probe_per_class"})
-    fingerprint = config_hash(recipe, sampler_params, gamma, seed, accelerator.num_processes)
+    fingerprint = config_hash(
+        recipe,
+        sampler_params,
+        gamma,
+        seed,
+        accelerator.num_processes,
+        weights_hash(reward, base.unet),  # before any update: the base and the fresh LoRA
+    )
     start = load_checkpoint(checkpoint_dir, model, opt, fingerprint)
     trajectories = cfg.batch_size * accelerator.num_processes * cfg.grad_accumulation
     if accelerator.is_main_process:
