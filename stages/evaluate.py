@@ -10,7 +10,7 @@ import pandas as pd
 
 from ctrldiff.classifier import Classifier
 from ctrldiff.data import table_images
-from ctrldiff.evaluation import evaluate_samples
+from ctrldiff.evaluation import evaluate_samples, real_by_split
 from ctrldiff.io import write_json
 
 DATA = Path("data/labelled")
@@ -28,18 +28,14 @@ def main(argv: list[str] | None = None) -> None:
 
     digit_clf = Classifier.load("models/classifier/digit")
     digit_clf.check_classes(label_meta["tasks"]["digit"]["classes"])
-    res, ch = label_meta["resolution"], label_meta["channels"]
-    real = {
-        split: (table_images(part, res, ch), part["c"].to_numpy()) for split, part in table.groupby("split")
-    }
     metrics = evaluate_samples(
         method,
-        table_images(samples, res, ch),
+        table_images(samples, label_meta["resolution"], label_meta["channels"]),
         samples["c"].to_numpy(),
         samples["y"].to_numpy(),
         label_meta,
         digit_clf,
-        real,
+        real_by_split(table, label_meta),
         sample_meta["cost"],
     )
     metrics["scale"] = sample_meta.get("scale")  # the guidance scale `tune` chose (None: no scale)

@@ -10,15 +10,11 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from ctrldiff.data import png_bytes
 from ctrldiff.io import atomic_dir, read_json, write_json
-from ctrldiff.methods import METHODS, TUNED, balanced_requests, build
-from ctrldiff.oracles import to_uint8
+from ctrldiff.methods import METHODS, TUNED, build, generate
 from ctrldiff.params import load_params
 from ctrldiff.plots import sample_grid
-from ctrldiff.sampling import SamplerConfig, count_evaluations, sample_requests
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,24 +27,17 @@ def main(argv: list[str] | None = None) -> None:
 
     scale = read_json(f"metrics/tune/{method}.json")["chosen"]["scale"] if method in TUNED else None
     model, step, y_null = build(method, scale, num_y, svdd_temperature=params.baselines.svdd_temperature)
-    cfg = SamplerConfig(params.sample.steps, params.sample.eta, params.sample.guidance_scale)
-    req = balanced_requests(len(model.classes), num_y, params.sample.n_per_request, params.sample.seed)
-    c = torch.tensor(req.c.to_numpy())
-    # The base model ignores y (y_null None): it is the floor every method is measured against.
-    y = None if y_null is None else torch.tensor(req.y.to_numpy())
-    with count_evaluations(model.unet) as nfe:
-        images, sec = sample_requests(
-            model, c, req.seed.tolist(), cfg, params.sample.batch_size, y, y_null, desc=method, step=step
-        )
-    pixels = to_uint8(images)
+    req, pixels, cost = generate(
+        model, step, y_null, params.sample, num_y, params.sample.n_per_request, params.sample.seed, method
+    )
 
     req["image"] = [png_bytes(p) for p in pixels]
     meta = {
         "method": method,
         "n_per_request": params.sample.n_per_request,
-        "sampler": {"steps": cfg.steps, "eta": cfg.eta, "guidance_scale": cfg.guidance_scale},
+        "sampler": params.sample.model_dump(include={"steps", "eta", "guidance_scale"}),
         "scale": scale,
-        "cost": {"nfe_per_image": nfe[0] / len(req), "seconds_per_image": sec},
+        "cost": cost,
     }
     with atomic_dir(f"data/samples/{method}") as tmp:
         req.to_parquet(tmp / "samples.parquet", index=False)
@@ -62,7 +51,10 @@ def main(argv: list[str] | None = None) -> None:
         "c",
         title=f"{method}: first sample per (c, y)",
     )
-    print(f"{method}: {len(req)} images, {sec * 1000:.0f} ms per image, {meta['cost']['nfe_per_image']} NFE")
+    print(
+        f"{method}: {len(req)} images, {cost['seconds_per_image'] * 1000:.0f} ms per image, "
+        f"{cost['nfe_per_image']:g} denoiser calls ({cost['backprop_nfe_per_image']:g} back-propagated)"
+    )
 
 
 if __name__ == "__main__":

@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from ctrldiff.classifier import Classifier
 from ctrldiff.evaluation import pick_scale, tuning_scores
 from ctrldiff.io import read_json, write_json
-from ctrldiff.methods import TUNED, balanced_requests, build
-from ctrldiff.oracles import to_uint8
+from ctrldiff.methods import TUNED, build, generate
 from ctrldiff.params import load_params
-from ctrldiff.sampling import SamplerConfig, sample_requests
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,29 +24,23 @@ def main(argv: list[str] | None = None) -> None:
     label_meta = read_json("data/labelled/meta.json")
     num_y = len(label_meta["tasks"]["compressibility"]["classes"])
     digit_clf = Classifier.load("models/classifier/digit")
-    cfg = SamplerConfig(params.sample.steps, params.sample.eta, params.sample.guidance_scale)
     grid = getattr(params.baselines, method)
 
     results = []
     for scale in grid:
         model, step, y_null = build(method, scale, num_y, svdd_temperature=params.baselines.svdd_temperature)
-        req = balanced_requests(
-            len(model.classes), num_y, params.baselines.tune_per_request, params.baselines.tune_seed
-        )
-        c, y = torch.tensor(req.c.to_numpy()), torch.tensor(req.y.to_numpy())
-        images, sec = sample_requests(
+        req, pixels, cost = generate(
             model,
-            c,
-            req.seed.tolist(),
-            cfg,
-            params.sample.batch_size,
-            y,
+            step,
             y_null,
-            desc=f"{method} {scale:g}",
-            step=step,
+            params.sample,
+            num_y,
+            params.baselines.tune_per_request,
+            params.baselines.tune_seed,
+            f"{method} {scale:g}",
         )
-        scores = tuning_scores(to_uint8(images), c.numpy(), y.numpy(), label_meta, digit_clf)
-        results.append({"scale": scale, **scores, "seconds_per_image": sec})
+        scores = tuning_scores(pixels, req.c.to_numpy(), req.y.to_numpy(), label_meta, digit_clf)
+        results.append({"scale": scale, **scores, "seconds_per_image": cost["seconds_per_image"]})
         print(f"{method} scale {scale:g}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
     chosen = pick_scale(results, params.baselines.min_c_accuracy)
     write_json(

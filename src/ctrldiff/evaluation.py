@@ -8,11 +8,13 @@ to the requested c, and a Fréchet distance in its penultimate features to real 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import torch
 from scipy import linalg
 from sklearn.metrics import confusion_matrix, f1_score
 
 from ctrldiff.classifier import Classifier
+from ctrldiff.data import table_images
 from ctrldiff.labels import bin_scores
 from ctrldiff.oracles import jpeg_size, to_model_space
 
@@ -71,6 +73,14 @@ def fidelity(
     feats, preds = features_and_predictions(digit_clf, pixels)
     per_class = [frechet_distance(feats[c == k], real_feats[real_c == k]) for k in np.unique(c)]
     return {"c_accuracy": float((preds == c).mean()), "frechet": float(np.mean(per_class))}
+
+
+def real_by_split(table: pd.DataFrame, label_meta: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The labelled table's real pixels and digit classes c per split: what fidelity compares with."""
+    res, ch = label_meta["resolution"], label_meta["channels"]
+    return {
+        split: (table_images(part, res, ch), part["c"].to_numpy()) for split, part in table.groupby("split")
+    }
 
 
 def evaluate_samples(

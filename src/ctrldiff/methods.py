@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ctrldiff.base import BaseModel, load_base
 from ctrldiff.classifier import Classifier
@@ -19,7 +20,9 @@ from ctrldiff.guidance.classifier_guidance import ClassifierGuidance, load_noisy
 from ctrldiff.guidance.dps import DPS
 from ctrldiff.guidance.reconstruction import ReconstructionGuidance
 from ctrldiff.guidance.svdd import SVDD
-from ctrldiff.sampling import Step, ddim_cfg_step
+from ctrldiff.oracles import to_uint8
+from ctrldiff.params import SampleParams
+from ctrldiff.sampling import SamplerConfig, Step, count_evaluations, ddim_cfg_step, sample_requests
 
 METHODS = ("base", "ctrl", "reconstruction", "dps", "classifier_guidance", "cfg", "svdd")
 TUNED = ("reconstruction", "dps", "classifier_guidance", "cfg", "svdd")  # a scale picked by `tune`
@@ -55,3 +58,34 @@ def balanced_requests(num_c: int, num_y: int, n: int, seed: int) -> pd.DataFrame
     c, y = np.meshgrid(np.arange(num_c), np.arange(num_y), indexing="ij")
     c, y = np.repeat(c.ravel(), n), np.repeat(y.ravel(), n)
     return pd.DataFrame({"c": c, "y": y, "seed": seed + np.arange(len(c))})
+
+
+def generate(
+    model: BaseModel,
+    step: Step,
+    y_null: int | None,
+    sampler: SampleParams,
+    num_y: int,
+    n_per_request: int,
+    seed: int,
+    desc: str,
+) -> tuple[pd.DataFrame, np.ndarray, dict]:
+    """Balanced requests, their images (uint8) and the measured cost of generating them.
+
+    The cost counts denoiser calls per image (and those back-propagated through) and times them.
+    """
+    cfg = SamplerConfig(sampler.steps, sampler.eta, sampler.guidance_scale)
+    req = balanced_requests(len(model.classes), num_y, n_per_request, seed)
+    c = torch.tensor(req.c.to_numpy())
+    # The base model ignores y (y_null None): it is the floor every method is measured against.
+    y = None if y_null is None else torch.tensor(req.y.to_numpy())
+    with count_evaluations(model.unet) as count:
+        images, sec = sample_requests(
+            model, c, req.seed.tolist(), cfg, sampler.batch_size, y, y_null, desc=desc, step=step
+        )
+    cost = {
+        "nfe_per_image": count["calls"] / len(req),
+        "backprop_nfe_per_image": count["with_grad"] / len(req),
+        "seconds_per_image": sec,
+    }
+    return req, to_uint8(images), cost

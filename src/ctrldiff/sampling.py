@@ -80,13 +80,18 @@ Step = Callable[..., torch.Tensor]
 
 
 @contextmanager
-def count_evaluations(unet: torch.nn.Module) -> Iterator[list[int]]:
-    """Count denoiser evaluations (batch rows through ``unet``'s forward) inside the block: [count]."""
-    count = [0]
+def count_evaluations(unet: torch.nn.Module) -> Iterator[dict[str, int]]:
+    """Count denoiser evaluations (batch rows through ``unet``) inside the block.
+
+    ``calls`` counts every row; ``with_grad`` the rows evaluated with autograd on, i.e. the ones a
+    gradient-guided method back-propagates through (a backward pass costs about two forwards).
+    """
+    count = {"calls": 0, "with_grad": 0}
 
     def hook(module, args, kwargs):
-        sample = kwargs.get("sample", args[0] if args else None)
-        count[0] += len(sample)
+        rows = len(kwargs.get("sample", args[0] if args else None))
+        count["calls"] += rows
+        count["with_grad"] += rows if torch.is_grad_enabled() else 0
 
     handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
     try:
