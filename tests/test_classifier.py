@@ -1,5 +1,6 @@
 import json
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,7 @@ from ctrldiff.classifier import (
     SmallCNN,
     calibration_report,
     fit_temperature,
+    labelled_subset,
     reliability,
 )
 
@@ -80,3 +82,13 @@ def test_corrupt_or_missing_classifier_gives_a_clear_error(tmp_path):
     (tmp_path / "c" / "config.json").write_text(json.dumps({"arch": {"bogus": 1}}))
     with pytest.raises(ClassifierError, match="cannot load"):
         Classifier.load(tmp_path / "c")
+
+
+def test_labelled_subset_draws_n_labelled_rows_and_names_the_task_when_too_many():
+    table = pd.DataFrame({"y_a": [0, 1, -1, 1, 0, 1], "split": ["train"] * 4 + ["val"] * 2})
+    meta = {"tasks": {"a": {"column": "y_a"}}}
+    part = labelled_subset(table, meta, "a", 4, seed=0)
+    assert len(part) == 4 and (part.y_a >= 0).all() and part.index.is_unique
+    assert labelled_subset(table, meta, "a", 4, seed=0).equals(part)
+    with pytest.raises(ClassifierError, match="6 labelled images of task 'a'; the data has 5"):
+        labelled_subset(table, meta, "a", 6, seed=0)

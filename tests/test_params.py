@@ -41,6 +41,8 @@ def test_shipped_params_files_are_valid():
         ({"label.binning": "thresholds", "label.thresholds": [800]}, "label.thresholds"),
         ({"finetune.grad_steps": 11}, "finetune.grad_steps"),  # window longer than the rollout
         ({"finetune.lora_targets": []}, "finetune.lora_targets"),
+        ({"baselines.dps": []}, "baselines.dps"),  # a sweep needs at least one scale
+        ({"efficiency.sizes": [250, 5]}, "efficiency.sizes"),  # too few labelled images to split
     ],
 )
 def test_bad_parameters_fail_naming_the_key(tmp_path, overrides, key):

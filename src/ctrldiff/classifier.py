@@ -216,6 +216,14 @@ def task_tensors(
     return x, y.long(), torch.tensor(part["c"].to_numpy()).long()
 
 
+def labelled_subset(table: pd.DataFrame, meta: dict, task: str, n: int, seed: int) -> pd.DataFrame:
+    """n rows drawn at random among those labelled for ``task``; each keeps its train/val split."""
+    labelled = table[table[meta["tasks"][task]["column"]] >= 0]
+    if not 0 < n <= len(labelled):
+        raise ClassifierError(f"asked for {n} labelled images of task {task!r}; the data has {len(labelled)}")
+    return labelled.sample(n=n, random_state=seed)
+
+
 def fit_task(
     table: pd.DataFrame, meta: dict, task: str, cfg: ClassifierParams, seed: int
 ) -> tuple[Classifier, dict]:

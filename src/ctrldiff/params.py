@@ -7,7 +7,7 @@ instead of surfacing as a confusing error half-way through a stage.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -170,6 +170,12 @@ class BaselinesParams(_Section):
     cfg_dropout: float = Field(0.1, ge=0, lt=1)  # y and c dropped to NULL independently
 
 
+class EfficiencyParams(_Section):
+    """Sample efficiency: CTRL (classifier on n labelled pairs) against CFG (trained on the same n)."""
+
+    sizes: list[Annotated[int, Field(ge=20)]] = Field(default_factory=lambda: [250, 1000, 4000], min_length=1)
+
+
 class Params(_Section):
     """The whole ``params.yaml``."""
 
@@ -182,6 +188,7 @@ class Params(_Section):
     sample: SampleParams = SampleParams()
     finetune: FinetuneParams = FinetuneParams()
     baselines: BaselinesParams = BaselinesParams()
+    efficiency: EfficiencyParams = EfficiencyParams()
 
     @model_validator(mode="after")
     def _window_within_rollout(self) -> Params:

@@ -66,3 +66,20 @@ def sample_grid(
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=70)
     plt.close(fig)
+
+
+def line_plot(
+    path: str | Path, x: list[float], series: dict[str, list[float]], xlabel: str, ylabel: str, title: str
+) -> None:
+    """One line per series against a shared x on a log axis (e.g. metrics against dataset size)."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, values in series.items():
+        ax.plot(x, values, marker="o", label=name)
+    ax.set(xscale="log", xlabel=xlabel, ylabel=ylabel, title=title, ylim=(0, 1))
+    ax.set_xticks(x, [f"{v:g}" for v in x])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
