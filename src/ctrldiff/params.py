@@ -156,8 +156,8 @@ class BaselinesParams(_Section):
     tune_per_request: int = Field(1, ge=1)  # images per (c, y) for each candidate scale
     tune_seed: int = 50_000  # tuning request i uses tune_seed + i, disjoint from sample.seed's
     min_c_accuracy: float = Field(0.9, ge=0, le=1)  # pick the best macro-F1 at or above this fidelity
-    reconstruction: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0], min_length=1)
-    dps: list[float] = Field(default_factory=lambda: [0.05, 0.1, 0.2, 0.4], min_length=1)
+    reconstruction: list[float] = Field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0, 2.0], min_length=1)
+    dps: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.4, 0.8, 1.6], min_length=1)
     classifier_guidance: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0], min_length=1)
     cfg: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0], min_length=1)  # w_y
     svdd: list[int] = Field(default_factory=lambda: [2, 4, 8], min_length=1)  # candidates M
