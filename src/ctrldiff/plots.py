@@ -77,6 +77,7 @@ def line_plot(
         ax.plot(x, values, marker="o", label=name)
     ax.set(xscale="log", xlabel=xlabel, ylabel=ylabel, title=title, ylim=(0, 1))
     ax.set_xticks(x, [f"{v:g}" for v in x])
+    ax.minorticks_off()
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
