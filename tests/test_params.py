@@ -56,3 +56,17 @@ def test_bad_parameters_fail_naming_the_key(tmp_path, overrides, key):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ParamsError, match="nope.yaml"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_params_rewritten_by_dvc_exp_run_set_param_still_load(tmp_path):
+    """`dvc exp run -S gamma=1` rewrites params.yaml with dvc's own YAML writer (quotes dropped)."""
+    from dvc.utils.serialize import modify_yaml
+
+    for name in ("params.yaml", "tests/smoke/params.yaml"):
+        path = tmp_path / Path(name).name
+        path.write_text((ROOT / name).read_text())
+        with modify_yaml(path) as raw:
+            raw["gamma"] = 1
+        params = load_params(path)
+        assert params.gamma == 1.0
+        assert params.finetune.mixed_precision == "no"

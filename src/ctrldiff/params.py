@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 
 class ParamsError(ValueError):
@@ -144,7 +144,10 @@ class FinetuneParams(_Section):
     beta2: float = Field(0.999, ge=0, lt=1)
     clip_grad_norm: float = Field(5.0, gt=0)
     kl_reduction: Literal["sum", "mean"] = "sum"  # sum: true KL; mean: the authors' per-dimension KL
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # `dvc exp run -S` rewrites params.yaml and drops the quotes: YAML then reads `no` as false.
+    mixed_precision: Annotated[
+        Literal["no", "fp16", "bf16"], BeforeValidator(lambda v: "no" if v is False else v)
+    ] = "no"
     checkpoint_every: int = Field(25, ge=1)
     probe_every: int = Field(10, ge=1)
     probe_per_class: int = Field(4, ge=1)
