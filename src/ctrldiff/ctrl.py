@@ -66,6 +66,10 @@ def rollout(
     x = noise[:, 0]
     kl_window = x.new_zeros(len(x))
     kl_total = x.new_zeros(len(x))
+    def reference_eps(x: torch.Tensor, t: int) -> torch.Tensor:
+        with model.reference():  # inside, so a checkpointed recomputation also runs the frozen model
+            return guided_eps(base, x, t, c, cfg.guidance_scale, y_null, model.y_null)
+
     for k, (t, t_prev) in enumerate(pairs):
         with_grad = k >= first_grad and torch.is_grad_enabled()
         with torch.set_grad_enabled(with_grad):
@@ -77,9 +81,14 @@ def rollout(
                 eps = guided_eps(policy, x, t, c, cfg.guidance_scale, y, model.y_null)
             mean, sigma, _ = ddim_step(base.scheduler, x, eps, t, t_prev, cfg.eta)
             if sigma > 0:
-                with torch.no_grad(), model.reference():
-                    eps_ref = guided_eps(base, x, t, c, cfg.guidance_scale, y_null, model.y_null)
-                    mean_ref, _, _ = ddim_step(base.scheduler, x, eps_ref, t, t_prev, cfg.eta)
+                # The reference mean depends on x_t, which depends on the trainable parameters: its
+                # gradient is part of d KL_t / d theta (without it the term pushing x_t back against
+                # the control is kept and its cancelling twin dropped: a wrong-signed gradient).
+                if with_grad and cfg.checkpointing:
+                    eps_ref = checkpoint(reference_eps, x, t, use_reentrant=False)
+                else:
+                    eps_ref = reference_eps(x, t)
+                mean_ref, _, _ = ddim_step(base.scheduler, x, eps_ref, t, t_prev, cfg.eta)
                 kl = gaussian_kl(mean, mean_ref, sigma, kl_reduction)
                 kl_total = kl_total + kl.detach()
                 if with_grad:
