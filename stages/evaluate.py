@@ -1,10 +1,12 @@
-"""Stage `evaluate`: oracle metrics of one method's samples, in the shape every method fills."""
+"""Stage `evaluate`: oracle metrics of one method's samples, in the shape every method fills.
+
+With `--setting multitask`, one entry per task (compressibility_half, ink) and one for the joint class.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import pandas as pd
 
@@ -12,17 +14,18 @@ from ctrldiff.classifier import Classifier
 from ctrldiff.data import table_images
 from ctrldiff.evaluation import evaluate_samples, real_by_split
 from ctrldiff.io import write_json
-
-DATA = Path("data/labelled")
+from ctrldiff.tasks import SETTINGS
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--method", required=True)
-    method = parser.parse_args(argv).method
-    label_meta = json.loads((DATA / "meta.json").read_text())
-    table = pd.read_parquet(DATA / "images.parquet")
-    samples_dir = Path(f"data/samples/{method}")
+    parser.add_argument("--setting", default="single", choices=sorted(SETTINGS))
+    args = parser.parse_args(argv)
+    method, setting = args.method, SETTINGS[args.setting]
+    label_meta = json.loads((setting.data / "meta.json").read_text())
+    table = pd.read_parquet(setting.data / "images.parquet")
+    samples_dir = setting.samples / method
     samples = pd.read_parquet(samples_dir / "samples.parquet")
     sample_meta = json.loads((samples_dir / "meta.json").read_text())
 
@@ -39,11 +42,14 @@ def main(argv: list[str] | None = None) -> None:
         sample_meta["cost"],
     )
     metrics["scale"] = sample_meta.get("scale")  # the guidance scale `tune` chose (None: no scale)
-    write_json(f"metrics/eval/{method}.json", metrics)
-    task = metrics["tasks"]["compressibility"]
+    write_json(setting.metrics / "eval" / f"{method}.json", metrics)
     fid = metrics["fidelity"]
+    tasks = ", ".join(
+        f"{name} accuracy {t['accuracy']:.3f}, macro-F1 {t['macro_f1']:.3f}"
+        for name, t in metrics["tasks"].items()
+    )
     print(
-        f"{method}: compressibility accuracy {task['accuracy']:.3f}, macro-F1 {task['macro_f1']:.3f}; "
+        f"{method}: {tasks}; "
         f"c_accuracy {fid['c_accuracy']:.3f}, Fréchet {fid['frechet']:.2f} "
         f"(held-out real {fid['frechet_real_heldout']:.2f})"
     )

@@ -1,40 +1,46 @@
-"""Stage `finetune`: CTRL, adding the compressibility control y to the pre-trained base by RL.
+"""Stage `finetune`: CTRL, adding the control y to the pre-trained base by RL.
 
-Resumes from `models/ctrl_checkpoint/` (kept by DVC across runs) when its settings match.
-Launch on several processes with `accelerate launch -m stages.finetune`.
+`--setting single` (default): y = the compressibility class, reward its calibrated classifier.
+`--setting multitask`: y = the joint (compressibility, ink) class, reward the weighted sum of the
+two classifiers' log-probabilities, each trained on its own half of the images.
+Resumes from `models/ctrl[_multitask]_checkpoint/` (kept by DVC across runs) when its settings
+match. Launch on several processes with `accelerate launch -m stages.finetune`.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
-from pathlib import Path
 
 from accelerate.utils import set_seed
 from dvclive import Live
 
 from ctrldiff.base import load_base
-from ctrldiff.classifier import Classifier
 from ctrldiff.control import add_control
 from ctrldiff.finetune import finetune
 from ctrldiff.io import atomic_dir, write_json
 from ctrldiff.params import load_params
-
-CHECKPOINT = Path("models/ctrl_checkpoint")
+from ctrldiff.tasks import SETTINGS, load_reward, num_joint_classes
 
 
 def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--setting", default="single", choices=sorted(SETTINGS))
+    setting = SETTINGS[parser.parse_args(argv).setting]
     params = load_params("params.yaml")
-    label_meta = json.loads(Path("data/labelled/meta.json").read_text())
-    spec = label_meta["tasks"]["compressibility"]
-    reward = Classifier.load("models/classifier/compressibility")
-    reward.check_classes(spec["classes"], spec["thresholds"])  # refuse a classifier of other classes
+    label_meta = json.loads((setting.data / "meta.json").read_text())
+    # Each classifier is checked against its task's classes and thresholds: a stale one is refused.
+    reward = load_reward(label_meta, weights=params.multitask.weights)
 
     base = load_base("models/base")
     set_seed(params.seed)  # identical LoRA initialisation on every process
-    model = add_control(base, spec["classes"], params.finetune.lora_rank, params.finetune.lora_targets)
+    y_classes = list(range(num_joint_classes(label_meta)))
+    model = add_control(base, y_classes, params.finetune.lora_rank, params.finetune.lora_targets)
+    checkpoint = setting.checkpoint
+    logs = setting.metrics / "finetune"
     start = time.perf_counter()
-    with Live("metrics/finetune", resume=CHECKPOINT.exists(), dvcyaml=None, save_dvc_exp=False) as live:
+    with Live(str(logs), resume=checkpoint.exists(), dvcyaml=None, save_dvc_exp=False) as live:
         result = finetune(
             model,
             reward,
@@ -43,11 +49,11 @@ def main(argv: list[str] | None = None) -> None:
             params.sample,
             label_meta,
             params.seed,
-            CHECKPOINT,
+            checkpoint,
             live,
         )
     minutes = (time.perf_counter() - start) / 60
-    with atomic_dir("models/ctrl") as tmp:
+    with atomic_dir(setting.ctrl) as tmp:
         model.save(tmp)
 
     history = result["history"]
@@ -55,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     reached = next((h["reward_queries"] for h in probes if h["probe/oracle_accuracy"] >= 0.9), None)
     last = history[-1] if history else {}
     write_json(
-        "metrics/finetune.json",
+        logs.with_suffix(".json"),
         {
             "updates": params.finetune.updates,
             "resumed_from_update": result["start_update"],

@@ -13,16 +13,18 @@ from ctrldiff.io import atomic_dir, write_json
 from ctrldiff.params import load_params
 from ctrldiff.plots import reliability_diagram
 
-DATA = Path("data/labelled")
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--task", required=True, help="compressibility | digit | ink")
-    task = parser.parse_args(argv).task
+    parser.add_argument(
+        "--task", required=True, help="a task of the dataset's meta.json, e.g. compressibility"
+    )
+    parser.add_argument("--data", default="data/labelled", type=Path, help="the labelled dataset's folder")
+    args = parser.parse_args(argv)
+    task = args.task
     params = load_params("params.yaml")
-    table = pd.read_parquet(DATA / "images.parquet")
-    meta = json.loads((DATA / "meta.json").read_text())
+    table = pd.read_parquet(args.data / "images.parquet")
+    meta = json.loads((args.data / "meta.json").read_text())
 
     clf, metrics = fit_task(table, meta, task, params.classifier, params.seed)
     report = metrics.pop("_report")

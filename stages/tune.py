@@ -3,6 +3,7 @@
 Every candidate scale samples `baselines.tune_per_request` images per (c, y) from seeds disjoint
 from the evaluation's; the oracle scores them, and the best macro-F1 with c_accuracy at or above
 `baselines.min_c_accuracy` wins (else the most faithful). The sweep and the choice are recorded.
+With `--setting multitask` the control's macro-F1 is that of the joint (compressibility, ink) class.
 """
 
 from __future__ import annotations
@@ -14,21 +15,30 @@ from ctrldiff.evaluation import pick_scale, tuning_scores
 from ctrldiff.io import read_json, write_json
 from ctrldiff.methods import TUNED, build, generate
 from ctrldiff.params import load_params
+from ctrldiff.tasks import SETTINGS, num_joint_classes
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--method", required=True, choices=TUNED)
-    method = parser.parse_args(argv).method
+    parser.add_argument("--setting", default="single", choices=sorted(SETTINGS))
+    args = parser.parse_args(argv)
+    method, setting = args.method, SETTINGS[args.setting]
     params = load_params("params.yaml")
-    label_meta = read_json("data/labelled/meta.json")
-    num_y = len(label_meta["tasks"]["compressibility"]["classes"])
+    label_meta = read_json(setting.data / "meta.json")
+    num_y = num_joint_classes(label_meta)
     digit_clf = Classifier.load("models/classifier/digit")
     grid = getattr(params.baselines, method)
 
     results = []
     for scale in grid:
-        model, step, y_null = build(method, scale, num_y, svdd_temperature=params.baselines.svdd_temperature)
+        model, step, y_null = build(
+            method,
+            scale,
+            label_meta,
+            svdd_temperature=params.baselines.svdd_temperature,
+            reward_weights=params.multitask.weights,
+        )
         req, pixels, cost = generate(
             model,
             step,
@@ -44,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{method} scale {scale:g}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
     chosen = pick_scale(results, params.baselines.min_c_accuracy)
     write_json(
-        f"metrics/tune/{method}.json",
+        setting.metrics / "tune" / f"{method}.json",
         {
             "method": method,
             "rule": f"best macro_f1 with c_accuracy >= {params.baselines.min_c_accuracy}",

@@ -42,7 +42,12 @@ def micro_reward(num_classes: int = 4, seed: int = 3):
 # Label metadata of a 4-class compressibility task, for the probe's oracle.
 LABEL_META = {
     "tasks": {
-        "compressibility": {"thresholds": [300.0, 250.0, 200.0], "jpeg_quality": 95, "classes": [0, 1, 2, 3]}
+        "compressibility": {
+            "score": "jpeg_bytes",
+            "thresholds": [300.0, 250.0, 200.0],
+            "jpeg_quality": 95,
+            "classes": [0, 1, 2, 3],
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from ctrldiff.evaluation import compressibility_oracle, frechet_distance, task_metrics
+from ctrldiff.evaluation import control_metrics, frechet_distance, task_metrics
+from ctrldiff.tasks import oracle_classes
 
 
 def test_task_metrics_match_hand_computed_values():
@@ -14,6 +15,7 @@ def test_task_metrics_match_hand_computed_values():
     assert m["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 1 / 2) / 3)
     assert m["confusion"] == [[2, 1, 0], [0, 2, 1], [1, 0, 1]]
     assert m["mean_score_per_class"] == pytest.approx([1.0, 4.0, 6.5])
+    assert m["recall_per_class"] == pytest.approx([2 / 3, 2 / 3, 1 / 2])
 
 
 def test_frechet_is_zero_for_identical_sets_and_grows_with_a_shift():
@@ -26,6 +28,29 @@ def test_compressibility_oracle_bins_true_sizes():
     rng = np.random.default_rng(0)
     flat = np.zeros((2, 16, 16), dtype=np.uint8)
     noisy = rng.integers(0, 256, (2, 16, 16), dtype=np.uint8)
-    sizes, classes = compressibility_oracle(np.concatenate([flat, noisy]), [400.0], quality=95)
+    spec = {"score": "jpeg_bytes", "jpeg_quality": 95, "thresholds": [400.0]}
+    sizes, classes = oracle_classes(np.concatenate([flat, noisy]), spec)
     assert classes.tolist() == [1, 1, 0, 0]
     assert sizes[0] < sizes[2]
+
+
+def test_joint_control_is_scored_per_task_and_jointly_by_the_oracles():
+    """y = (compressibility, ink) in row-major order; each task is judged by its own oracle."""
+    rng = np.random.default_rng(0)
+    blank = np.zeros((16, 16), dtype=np.uint8)  # compressible (class 1), no ink (class 1)
+    noise = rng.integers(0, 256, (16, 16), dtype=np.uint8)  # incompressible (0), half ink (0)
+    meta = {
+        "control": ["size", "ink"],
+        "tasks": {
+            "size": {"score": "jpeg_bytes", "jpeg_quality": 95, "thresholds": [400.0], "classes": [0, 1]},
+            "ink": {"score": "ink", "thresholds": [0.25], "classes": [0, 1]},
+        },
+    }
+    pixels = np.stack([blank, noise, blank, noise])
+    y = np.array([3, 0, 0, 1])  # joint (1, 1), (0, 0), (0, 0), (0, 1)
+    m = control_metrics(pixels, y, meta)
+    assert m["size"]["accuracy"] == pytest.approx(3 / 4)  # the third asked 0 and got 1
+    assert m["ink"]["accuracy"] == pytest.approx(2 / 4)  # the third and fourth miss
+    assert m["joint"]["accuracy"] == pytest.approx(2 / 4)
+    assert m["joint"]["confusion"][0] == [1, 0, 0, 1]
+    assert "mean_score_per_class" not in m["joint"]

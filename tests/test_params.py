@@ -43,6 +43,9 @@ def test_shipped_params_files_are_valid():
         ({"finetune.lora_targets": []}, "finetune.lora_targets"),
         ({"baselines.dps": []}, "baselines.dps"),  # a sweep needs at least one scale
         ({"efficiency.sizes": [250, 5]}, "efficiency.sizes"),  # too few labelled images to split
+        ({"multitask.weights": [1.0]}, "multitask.weights"),  # one weight per task
+        ({"multitask.weights": [1.0, -1.0]}, "multitask.weights"),
+        ({"continuous.num_targets": 1}, "continuous.num_targets"),
     ],
 )
 def test_bad_parameters_fail_naming_the_key(tmp_path, overrides, key):

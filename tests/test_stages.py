@@ -13,7 +13,17 @@ from PIL import Image
 from ctrldiff.base import BaseModelError, load_stable_diffusion, read_prompts
 from ctrldiff.classifier import Classifier, ClassifierError
 from ctrldiff.data import SourceError, load_pixels
-from stages import base, evaluate, finetune, label, sample, train_classifier
+from stages import (
+    base,
+    compare_multitask,
+    continuous,
+    evaluate,
+    finetune,
+    label,
+    label_multitask,
+    sample,
+    train_classifier,
+)
 from tests.tiny_sd import build_tiny_sd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +44,16 @@ def smoke_run(tmp_path_factory) -> Path:
         for method in ("base", "ctrl"):
             sample.main(["--method", method])
             evaluate.main(["--method", method])
+        continuous.main([])
+        # multi-task: compressibility and ink from disjoint halves, y = the joint class
+        label_multitask.main([])
+        train_classifier.main(["--task", "ink"])
+        train_classifier.main(["--task", "compressibility_half", "--data", "data/multitask"])
+        finetune.main(["--setting", "multitask"])
+        for method in ("base", "ctrl"):
+            sample.main(["--method", method, "--setting", "multitask"])
+            evaluate.main(["--method", method, "--setting", "multitask"])
+        compare_multitask.main()
     return work
 
 
@@ -150,3 +170,28 @@ def test_finetune_refuses_a_classifier_of_other_classes(smoke_run, monkeypatch):
             finetune.main([])
     finally:
         config_path.write_text(good)
+
+
+def test_smoke_multitask_trains_on_disjoint_halves_and_reports_per_task_and_joint(smoke_run):
+    labels = json.loads((smoke_run / "metrics/multitask/label.json").read_text())
+    assert labels["images_with_both_labels"] == 0
+    assert labels["labelled"] == {"compressibility_half": 200, "ink": 200}
+    control = json.loads((smoke_run / "models/ctrl_multitask/control.json").read_text())
+    assert control["y_classes"] == [0, 1, 2, 3]  # 2 compressibility x 2 ink classes
+    log = (smoke_run / "metrics/multitask/finetune/plots/metrics/probe/ink_accuracy.tsv").read_text()
+    assert len(log.splitlines()) == 3  # header + one probe per update
+    m = json.loads((smoke_run / "metrics/multitask/eval/ctrl.json").read_text())
+    assert set(m["tasks"]) == {"compressibility_half", "ink", "joint"}
+    assert m["n_per_class"] == 10 and len(m["tasks"]["joint"]["confusion"]) == 4
+    summary = json.loads((smoke_run / "metrics/multitask/summary.json").read_text())
+    assert summary["cfg"]["trainable"] is False and summary["cfg"]["images_with_both_labels"] == 0
+    assert set(summary["methods"]) == {"base", "ctrl"}
+    assert "hardest joint class" in (smoke_run / "metrics/multitask.md").read_text()
+
+
+def test_smoke_continuous_reports_parity_metrics_and_plot(smoke_run):
+    m = json.loads((smoke_run / "metrics/continuous.json").read_text())
+    assert m["n_images"] == 3 * 10 and len(m["targets_bytes"]) == 3
+    assert m["targets_bytes"][0] == pytest.approx(min(m["class_means_bytes"]))
+    assert m["per_image"]["mae"] >= 0 and m["per_image"]["rmse"] >= m["per_image"]["mae"]
+    assert (smoke_run / "metrics/continuous_parity.png").stat().st_size > 1000

@@ -1,8 +1,9 @@
 """Judge generated images with the oracles, never with the classifier a method was trained on.
 
-Control: the true JPEG size of each 8-bit image, binned at the dataset's thresholds, against the
-requested y. Fidelity to c: the share of images the (separately trained) digit classifier assigns
-to the requested c, and a Fréchet distance in its penultimate features to real digits of that class.
+Control: each task's true score of each 8-bit image (JPEG size, ink coverage), binned at the
+dataset's thresholds, against the requested y (per task, and jointly when y has several tasks).
+Fidelity to c: the share of images the (separately trained) digit classifier assigns to the
+requested c, and a Fréchet distance in its penultimate features to real digits of that class.
 """
 
 from __future__ import annotations
@@ -15,29 +16,51 @@ from sklearn.metrics import confusion_matrix, f1_score
 
 from ctrldiff.classifier import Classifier
 from ctrldiff.data import table_images
-from ctrldiff.labels import bin_scores
-from ctrldiff.oracles import jpeg_size, to_model_space
+from ctrldiff.oracles import to_model_space
+from ctrldiff.tasks import class_counts, control_tasks, join, oracle_classes, split_joint
 
 
-def task_metrics(requested: np.ndarray, achieved: np.ndarray, scores: np.ndarray, num_classes: int) -> dict:
-    """Accuracy, macro-F1 and confusion (rows: requested, columns: achieved) of one task."""
+def task_metrics(
+    requested: np.ndarray, achieved: np.ndarray, scores: np.ndarray | None, num_classes: int
+) -> dict:
+    """Accuracy, macro-F1, confusion (rows: requested, columns: achieved) and recall per class.
+
+    ``mean_score_per_class`` (the oracle score's mean per requested class) when scores are given.
+    """
     labels = list(range(num_classes))
-    return {
+    confusion = confusion_matrix(requested, achieved, labels=labels)
+    asked = confusion.sum(1)
+    metrics = {
         "accuracy": float((requested == achieved).mean()),
         "macro_f1": float(f1_score(requested, achieved, labels=labels, average="macro", zero_division=0)),
-        "confusion": confusion_matrix(requested, achieved, labels=labels).tolist(),
-        "mean_score_per_class": [
-            float(scores[requested == k].mean()) if (requested == k).any() else float("nan") for k in labels
-        ],
+        "confusion": confusion.tolist(),
+        "recall_per_class": [float(confusion[k, k] / asked[k]) if asked[k] else float("nan") for k in labels],
     }
+    if scores is not None:
+        metrics["mean_score_per_class"] = [
+            float(scores[requested == k].mean()) if (requested == k).any() else float("nan") for k in labels
+        ]
+    return metrics
 
 
-def compressibility_oracle(
-    pixels: np.ndarray, thresholds: list[float], quality: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(JPEG bytes, compressibility class) of each uint8 image."""
-    sizes = np.array([jpeg_size(p, quality) for p in pixels])
-    return sizes, bin_scores(sizes, thresholds)
+def control_metrics(pixels: np.ndarray, y: np.ndarray, label_meta: dict) -> dict[str, dict]:
+    """``task_metrics`` of each control task by its oracle, plus ``joint`` when y has several tasks."""
+    tasks, counts = control_tasks(label_meta), class_counts(label_meta)
+    requested = split_joint(y, counts)
+    out, achieved = {}, []
+    for task, asked, k in zip(tasks, requested, counts, strict=True):
+        scores, got = oracle_classes(pixels, label_meta["tasks"][task])
+        out[task] = task_metrics(asked, got, scores, k)
+        achieved.append(got)
+    if len(tasks) > 1:
+        out["joint"] = task_metrics(np.asarray(y), join(achieved, counts), None, int(np.prod(counts)))
+    return out
+
+
+def headline(label_meta: dict) -> str:
+    """The entry of ``control_metrics`` that sums up the control: the task, or ``joint``."""
+    tasks = control_tasks(label_meta)
+    return tasks[0] if len(tasks) == 1 else "joint"
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -98,9 +121,6 @@ def evaluate_samples(
     ``real`` holds ('train' and 'val') real pixels and their c: generated images are compared with
     the training digits; the held-out digits against the same training digits give the reference.
     """
-    spec = label_meta["tasks"]["compressibility"]
-    sizes, achieved = compressibility_oracle(pixels, spec["thresholds"], spec["jpeg_quality"])
-    num_classes = len(spec["classes"])
     train_pixels, train_c = real["train"]
     train_feats, _ = features_and_predictions(digit_clf, train_pixels)  # once, for both comparisons
     fid = fidelity(digit_clf, pixels, c, train_feats, train_c)
@@ -117,8 +137,8 @@ def evaluate_samples(
     ref = fidelity(digit_clf, val_pixels[pick], val_c[pick], train_feats, train_c)
     return {
         "method": method,
-        "n_per_class": int(len(y) // num_classes),
-        "tasks": {"compressibility": task_metrics(y, achieved, sizes, num_classes)},
+        "n_per_class": int(len(y) // int(np.prod(class_counts(label_meta)))),
+        "tasks": control_metrics(pixels, y, label_meta),
         "fidelity": fid
         | {"frechet_real_heldout": ref["frechet"], "c_accuracy_real_heldout": ref["c_accuracy"]},
         "cost": cost,
@@ -128,10 +148,8 @@ def evaluate_samples(
 def tuning_scores(
     pixels: np.ndarray, c: np.ndarray, y: np.ndarray, label_meta: dict, digit_clf: Classifier
 ) -> dict:
-    """Oracle accuracy and macro-F1 of the control, and c_accuracy: what a scale sweep compares."""
-    spec = label_meta["tasks"]["compressibility"]
-    sizes, achieved = compressibility_oracle(pixels, spec["thresholds"], spec["jpeg_quality"])
-    task = task_metrics(y, achieved, sizes, len(spec["classes"]))
+    """Oracle accuracy and macro-F1 of the control (joint, with several tasks), and c_accuracy."""
+    task = control_metrics(pixels, y, label_meta)[headline(label_meta)]
     _, preds = features_and_predictions(digit_clf, pixels)
     return {
         "accuracy": task["accuracy"],

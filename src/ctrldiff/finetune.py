@@ -23,11 +23,11 @@ from tqdm import tqdm
 from ctrldiff.classifier import Classifier
 from ctrldiff.control import ControlledModel
 from ctrldiff.ctrl import CTRLLoss, RolloutConfig
-from ctrldiff.evaluation import compressibility_oracle
 from ctrldiff.io import atomic_dir
 from ctrldiff.oracles import to_uint8
 from ctrldiff.params import FinetuneParams, SampleParams
 from ctrldiff.sampling import SamplerConfig, request_noise, sample
+from ctrldiff.tasks import class_counts, control_tasks, join, oracle_classes, split_joint
 
 
 def config_hash(*sections) -> str:
@@ -89,15 +89,24 @@ def draw_batch(update: int, rank: int, seed: int, batch: int, num_c: int, num_y:
 
 @torch.no_grad()
 def probe(model: ControlledModel, label_meta: dict, sampler: SamplerConfig, per_class: int) -> dict:
-    """Oracle statistics on a fixed probe batch: mean JPEG bytes per requested y, and accuracy."""
+    """Oracle statistics on a fixed probe batch: mean score per requested class of each task, accuracy.
+
+    With several control tasks, also each task's accuracy; ``probe/oracle_accuracy`` is the joint one.
+    """
     num_y = len(model.y_classes)
     y = torch.arange(num_y).repeat_interleave(per_class)
     c = torch.arange(len(y)) % len(model.base.classes)
     images = sample(model.base, c, [10**6 + i for i in range(len(y))], sampler, y, model.y_null)
-    spec = label_meta["tasks"]["compressibility"]
-    sizes, achieved = compressibility_oracle(to_uint8(images), spec["thresholds"], spec["jpeg_quality"])
-    stats = {f"probe/jpeg_bytes_y{k}": float(sizes[y.numpy() == k].mean()) for k in range(num_y)}
-    stats["probe/oracle_accuracy"] = float((achieved == y.numpy()).mean())
+    pixels, tasks, counts = to_uint8(images), control_tasks(label_meta), class_counts(label_meta)
+    stats, achieved = {}, []
+    for task, asked, k in zip(tasks, split_joint(y.numpy(), counts), counts, strict=True):
+        spec = label_meta["tasks"][task]
+        scores, got = oracle_classes(pixels, spec)
+        stats |= {f"probe/{spec['score']}_y{j}": float(scores[asked == j].mean()) for j in range(k)}
+        if len(tasks) > 1:
+            stats[f"probe/{task}_accuracy"] = float((got == asked).mean())
+        achieved.append(got)
+    stats["probe/oracle_accuracy"] = float((join(achieved, counts) == y.numpy()).mean())
     return stats
 
 

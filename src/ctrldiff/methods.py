@@ -13,7 +13,6 @@ import pandas as pd
 import torch
 
 from ctrldiff.base import BaseModel, load_base
-from ctrldiff.classifier import Classifier
 from ctrldiff.control import load_control
 from ctrldiff.guidance.cfg import CFGOnY
 from ctrldiff.guidance.classifier_guidance import ClassifierGuidance, load_noisy_classifier
@@ -23,29 +22,43 @@ from ctrldiff.guidance.svdd import SVDD
 from ctrldiff.oracles import to_uint8
 from ctrldiff.params import SampleParams
 from ctrldiff.sampling import SamplerConfig, Step, count_evaluations, ddim_cfg_step, sample_requests
+from ctrldiff.tasks import load_reward, num_joint_classes
 
 METHODS = ("base", "ctrl", "reconstruction", "dps", "classifier_guidance", "cfg", "svdd")
 TUNED = ("reconstruction", "dps", "classifier_guidance", "cfg", "svdd")  # a scale picked by `tune`
 
 
 def build(
-    method: str, scale: float | None, num_y: int, models: Path = Path("models"), svdd_temperature: float = 0.0
+    method: str,
+    scale: float | None,
+    label_meta: dict,
+    models: Path = Path("models"),
+    svdd_temperature: float = 0.0,
+    reward_weights: list[float] | None = None,
+    ctrl: Path | None = None,
 ) -> tuple[BaseModel, Step, int | None]:
-    """(model, step, y_null) of a method; y_null None means the method ignores y (the base)."""
+    """(model, step, y_null) of a method; y_null None means the method ignores y (the base).
+
+    The clean-image guidance methods (reconstruction, DPS, SVDD) follow the dataset's reward
+    (``tasks.load_reward``: its classifier, or the weighted joint of several); ``ctrl`` is the
+    CTRL adapter's folder, by default models/ctrl.
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     if method in TUNED and scale is None:
         raise ValueError(f"method {method!r} needs a guidance scale (run the `tune` stage first)")
     base = load_base(models / "base")
+    num_y = num_joint_classes(label_meta)
     if method == "base":
         return base, ddim_cfg_step, None
     if method in ("ctrl", "cfg"):
-        control = load_control(base, models / method)
+        directory = (ctrl or models / "ctrl") if method == "ctrl" else models / "cfg"
+        control = load_control(base, directory)
         return base, ddim_cfg_step if method == "ctrl" else CFGOnY(scale), control.y_null
     if method == "classifier_guidance":
         noisy = load_noisy_classifier(models / "noisy_classifier", base.scheduler)
         return base, ClassifierGuidance(noisy, scale), num_y
-    reward = Classifier.load(models / "classifier" / "compressibility").requires_grad_(False)
+    reward = load_reward(label_meta, models, reward_weights).requires_grad_(False)
     if method == "reconstruction":
         return base, ReconstructionGuidance(reward, scale), num_y
     if method == "dps":

@@ -179,6 +179,24 @@ class EfficiencyParams(_Section):
     sizes: list[Annotated[int, Field(ge=20)]] = Field(default_factory=lambda: [250, 1000, 4000], min_length=1)
 
 
+class MultitaskParams(_Section):
+    """Two labels from disjoint halves (compressibility on one, ink on the other); y is the joint class."""
+
+    compressibility_classes: int = Field(2, ge=2)  # binned at the quantiles of its own half
+    # reward = w1 log p̂(compressibility | x) + w2 log p̂(ink | x)
+    weights: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: [1.0, 1.0], min_length=2, max_length=2
+    )
+
+
+class ContinuousParams(_Section):
+    """Continuous target compressibility by interpolating CTRL's class embeddings (no retraining)."""
+
+    num_targets: int = Field(16, ge=2)  # targets spread evenly over the classes' achieved range
+    per_digit: int = Field(1, ge=1)  # images per (target, digit c)
+    seed: int = 90_000  # request i uses seed + i, disjoint from the evaluation's and the tuning's
+
+
 class Params(_Section):
     """The whole ``params.yaml``."""
 
@@ -192,6 +210,8 @@ class Params(_Section):
     finetune: FinetuneParams = FinetuneParams()
     baselines: BaselinesParams = BaselinesParams()
     efficiency: EfficiencyParams = EfficiencyParams()
+    multitask: MultitaskParams = MultitaskParams()
+    continuous: ContinuousParams = ContinuousParams()
 
     @model_validator(mode="after")
     def _window_within_rollout(self) -> Params:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -78,6 +79,24 @@ def line_plot(
     ax.set(xscale="log", xlabel=xlabel, ylabel=ylabel, title=title, ylim=(0, 1))
     ax.set_xticks(x, [f"{v:g}" for v in x])
     ax.minorticks_off()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+
+
+def parity_plot(path: str | Path, requested, achieved, unit: str, title: str) -> None:
+    """Achieved against requested values, each image a dot, each target's mean a cross, y = x dashed."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(requested, achieved, s=8, alpha=0.4, label="image")
+    requested, achieved = np.asarray(requested, dtype=float), np.asarray(achieved, dtype=float)
+    targets = np.unique(requested)
+    ax.plot(targets, [achieved[requested == t].mean() for t in targets], "rx", ms=7, label="mean per target")
+    lo, hi = min(requested.min(), achieved.min()), max(requested.max(), achieved.max())
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="achieved = requested")
+    ax.set(xlabel=f"requested ({unit})", ylabel=f"achieved, oracle ({unit})", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -50,7 +50,12 @@ def guided_eps(
     tt = torch.full((len(x),), t, dtype=torch.long)
     if scale == 1.0:
         return model.unet(x, tt, model.encoder(c), class_labels=y).sample
-    labels = None if y is None else torch.cat([y, torch.full_like(y, y_null)])
+    if y is None:
+        labels = None
+    elif y.is_floating_point():  # convex weights over the classes: all-zero weights are NULL
+        labels = torch.cat([y, torch.zeros_like(y)])
+    else:
+        labels = torch.cat([y, torch.full_like(y, y_null)])
     eps = model.unet(
         torch.cat([x, x]), torch.cat([tt, tt]), model.encoder(torch.cat([c, null_c])), class_labels=labels
     ).sample

@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+import torch
+
+from ctrldiff.continuous import interpolation_weights, parity_metrics, spread_targets
+from ctrldiff.control import YEmbedding
+from ctrldiff.sampling import SamplerConfig, sample
+
+MEANS = [900.0, 820.0, 760.0, 700.0]  # class 0 = least compressible, as the label convention
+
+
+def test_interpolation_at_a_class_mean_reproduces_its_embedding_exactly():
+    emb = YEmbedding(4, 6)
+    with torch.no_grad():
+        emb.weight.normal_()
+    weights = torch.as_tensor(interpolation_weights(np.array(MEANS), MEANS), dtype=torch.float32)
+    assert torch.equal(emb(weights), emb(torch.arange(4)))
+
+
+def test_interpolation_is_convex_linear_between_neighbours_and_clamped_outside():
+    w = interpolation_weights(np.array([790.0, 1000.0, 600.0]), MEANS)
+    assert w.sum(1) == pytest.approx([1, 1, 1]) and (w >= 0).all()
+    assert w[0] == pytest.approx([0, 0.5, 0.5, 0])  # halfway between 820 and 760
+    assert w[1] == pytest.approx([1, 0, 0, 0]) and w[2] == pytest.approx([0, 0, 0, 1])
+    assert np.asarray(MEANS) @ w[0] == pytest.approx(790.0)
+
+
+def test_interpolation_refuses_classes_with_equal_means():
+    with pytest.raises(ValueError, match="not distinct"):
+        interpolation_weights(np.array([1.0]), [5.0, 5.0])
+
+
+def test_spread_targets_cover_the_achieved_range():
+    assert spread_targets(MEANS, 5).tolist() == [700.0, 750.0, 800.0, 850.0, 900.0]
+
+
+def test_parity_metrics_match_hand_computed_values():
+    requested = np.array([1.0, 2.0, 3.0, 4.0])
+    achieved = np.array([1.0, 3.0, 3.0, 5.0])
+    m = parity_metrics(requested, achieved)
+    # residuals 0, 1, 0, 1; achieved mean 3, total sum of squares 4 + 0 + 0 + 4 = 8
+    assert m["r2"] == pytest.approx(1 - 2 / 8)
+    assert m["mae"] == pytest.approx(0.5)
+    assert m["rmse"] == pytest.approx(np.sqrt(0.5))
+    assert m["n"] == 4
+
+
+def test_sampling_with_one_hot_weights_equals_sampling_with_the_class(base):
+    from ctrldiff.control import add_control
+
+    model = add_control(base, [0, 1, 2, 3], lora_rank=2)
+    with torch.no_grad():
+        model.y_embedding.weight.normal_()
+    cfg = SamplerConfig(steps=3, guidance_scale=2.0)
+    c, y = torch.tensor([0, 1]), torch.tensor([2, 3])
+    by_class = sample(base, c, [1, 2], cfg, y, model.y_null)
+    by_weights = sample(base, c, [1, 2], cfg, torch.eye(4)[y], model.y_null)
+    torch.testing.assert_close(by_weights, by_class)
