@@ -66,6 +66,7 @@ def rollout(
     x = noise[:, 0]
     kl_window = x.new_zeros(len(x))
     kl_total = x.new_zeros(len(x))
+
     def reference_eps(x: torch.Tensor, t: int) -> torch.Tensor:
         with model.reference():  # inside, so a checkpointed recomputation also runs the frozen model
             return guided_eps(base, x, t, c, cfg.guidance_scale, y_null, model.y_null)
