@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint = setting.checkpoint
     logs = setting.metrics / "finetune"
     start = time.perf_counter()
-    with Live(str(logs), resume=checkpoint.exists(), dvcyaml=None, save_dvc_exp=False) as live:
+    # The log is rebuilt from the checkpoint's history on resume: DVC clears it before a stage runs.
+    with Live(str(logs), dvcyaml=None, save_dvc_exp=False) as live:
         result = finetune(
             model,
             reward,
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         logs.with_suffix(".json"),
         {
             "updates": params.finetune.updates,
-            "resumed_from_update": result["start_update"],
+            "resumed_from_update": result["start_update"],  # 0: trained from scratch in this run
             "trajectories_per_update": result["trajectories_per_update"],
             "minutes_this_run": round(minutes, 2),
             "final_reward": last.get("reward"),

@@ -43,10 +43,11 @@ def test_updates_move_the_parameters_keep_null_zero_and_log(tmp_path):
 
 def test_resume_continues_from_the_saved_update_and_matches_an_uninterrupted_run(tmp_path):
     full, _ = run(3, tmp_path / "full")
-    run(2, tmp_path / "ckpt")  # "killed" after update 2
+    _, killed = run(2, tmp_path / "ckpt")  # "killed" after update 2
     assert read_json(tmp_path / "ckpt/state.json")["update"] == 2
     resumed, result = run(3, tmp_path / "ckpt")
-    assert result["start_update"] == 2 and [h["update"] for h in result["history"]] == [3]
+    assert result["start_update"] == 2 and [h["update"] for h in result["history"]] == [1, 2, 3]
+    assert result["history"][:2] == killed["history"]  # the log before the interruption is kept
     for name, p in trainable(full).items():
         torch.testing.assert_close(trainable(resumed)[name], p)
 
@@ -58,6 +59,13 @@ def test_a_checkpoint_trained_against_another_reward_classifier_is_not_resumed(t
         other.net.head.bias.add_(1.0)
     _, result = run(3, tmp_path / "ckpt", reward=other)
     assert result["start_update"] == 0
+
+
+def test_a_checkpoint_made_by_other_update_code_is_not_resumed(tmp_path, monkeypatch):
+    run(2, tmp_path / "ckpt")
+    monkeypatch.setattr("ctrldiff.finetune.code_hash", lambda: "a fixed bug")
+    _, result = run(3, tmp_path / "ckpt")
+    assert result["start_update"] == 0 and len(result["history"]) == 3
 
 
 def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path):

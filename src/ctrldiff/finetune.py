@@ -10,6 +10,7 @@ exactly what the uninterrupted run would have drawn, and no update reuses anothe
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from ctrldiff.classifier import Classifier
+from ctrldiff import ctrl, ddim, sampling
 from ctrldiff.control import ControlledModel
 from ctrldiff.ctrl import CTRLLoss, RolloutConfig
 from ctrldiff.io import atomic_dir
@@ -46,12 +47,20 @@ def weights_hash(*modules: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def code_hash() -> str:
+    """Fingerprint of the code an update runs (loss, rollout, DDIM step): a fixed bug starts afresh."""
+    text = "".join(inspect.getsource(module) for module in (ctrl, ddim, sampling))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _trainable(model: ControlledModel) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.base.unet.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(directory: Path, model: ControlledModel, opt, update: int, fingerprint: str) -> None:
-    """Trainable weights, optimizer state and the update count, written atomically."""
+def save_checkpoint(
+    directory: Path, model: ControlledModel, opt, update: int, fingerprint: str, history: list[dict]
+) -> None:
+    """Trainable weights, optimizer state, the update count and the log so far, written atomically."""
     with atomic_dir(directory) as tmp:
         save_file(
             {n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()},
@@ -59,23 +68,26 @@ def save_checkpoint(directory: Path, model: ControlledModel, opt, update: int, f
         )
         torch.save(opt.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"update": update, "config": fingerprint}))
+        (tmp / "history.json").write_text(json.dumps(history))
 
 
-def load_checkpoint(directory: Path, model: ControlledModel, opt, fingerprint: str) -> int:
-    """Restore a checkpoint of the same configuration; returns the update to continue from (0 if none)."""
+def load_checkpoint(directory: Path, model: ControlledModel, opt, fingerprint: str) -> tuple[int, list[dict]]:
+    """Restore a checkpoint of the same configuration: (the update to continue from, the log so far)."""
     state_path = directory / "state.json"
     if not state_path.is_file():
-        return 0
+        return 0, []
     state = json.loads(state_path.read_text())
     if state["config"] != fingerprint:
-        print(f"finetune: checkpoint in {directory} belongs to other settings; starting afresh")
-        return 0
+        print(f"finetune: checkpoint in {directory} belongs to other settings or code; starting afresh")
+        return 0, []
     weights = load_file(directory / "trainable.safetensors")
     with torch.no_grad():
         for name, p in _trainable(model).items():
             p.copy_(weights[name])
     opt.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=False))
-    return state["update"]
+    history_path = directory / "history.json"
+    history = json.loads(history_path.read_text()) if history_path.is_file() else []
+    return state["update"], history[: state["update"]]
 
 
 def draw_batch(update: int, rank: int, seed: int, batch: int, num_c: int, num_y: int) -> tuple:
@@ -112,7 +124,7 @@ def probe(model: ControlledModel, label_meta: dict, sampler: SamplerConfig, per_
 
 def finetune(
     model: ControlledModel,
-    reward: Classifier,
+    reward: torch.nn.Module,
     gamma: float,
     cfg: FinetuneParams,
     sampler_params: SampleParams,
@@ -121,7 +133,11 @@ def finetune(
     checkpoint_dir: Path,
     live=None,
 ) -> dict:
-    """Run CTRL updates until ``cfg.updates``, resuming from ``checkpoint_dir`` when possible."""
+    """Run CTRL updates until ``cfg.updates``, resuming from ``checkpoint_dir`` when possible.
+
+    ``reward`` has ``log_prob(x, y)`` and per-class scores (a Classifier or a tasks.JointReward).
+    The returned history covers every update, those before a resume included (kept in the checkpoint).
+    """
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # several CPU processes (gloo) when launched with torchrun
         mixed_precision=cfg.mixed_precision,
@@ -159,8 +175,9 @@ def finetune(
         seed,
         accelerator.num_processes,
         weights_hash(reward, base.unet),  # before any update: the base and the fresh LoRA
+        code_hash(),
     )
-    start = load_checkpoint(checkpoint_dir, model, opt, fingerprint)
+    start, history = load_checkpoint(checkpoint_dir, model, opt, fingerprint)
     trajectories = cfg.batch_size * accelerator.num_processes * cfg.grad_accumulation
     if accelerator.is_main_process:
         print(
@@ -169,7 +186,17 @@ def finetune(
             f"processes x {cfg.grad_accumulation} accumulation; starting at update {start}"
         )
     params = lora + emb
-    history: list[dict] = []
+
+    def log(stats: dict) -> None:
+        if live is not None and accelerator.is_main_process:
+            live.step = stats["update"]
+            for k, v in stats.items():
+                if k != "update":
+                    live.log_metric(k, v)
+            live.next_step()
+
+    for stats in history:  # a resumed run's log starts with the updates made before the interruption
+        log(stats)
     bar = tqdm(
         range(start, cfg.updates), desc="finetune", unit="update", disable=not accelerator.is_main_process
     )
@@ -211,14 +238,10 @@ def finetune(
         stats_sum["reward_queries"] = (update + 1) * trajectories
         history.append({"update": update + 1} | stats_sum)
         bar.set_postfix(reward=f"{stats_sum['reward']:.3f}", kl=f"{stats_sum['kl']:.2f}", refresh=False)
-        if live is not None and accelerator.is_main_process:
-            live.step = update + 1
-            for k, v in stats_sum.items():
-                live.log_metric(k, v)
-            live.next_step()
+        log(history[-1])
         if accelerator.is_main_process and (
             (update + 1) % cfg.checkpoint_every == 0 or update + 1 == cfg.updates
         ):
-            save_checkpoint(checkpoint_dir, model, opt, update + 1, fingerprint)
+            save_checkpoint(checkpoint_dir, model, opt, update + 1, fingerprint, history)
         accelerator.wait_for_everyone()
     return {"start_update": start, "history": history, "trajectories_per_update": trajectories}
