@@ -21,16 +21,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--method", required=True)
     parser.add_argument("--setting", default="single", choices=sorted(SETTINGS))
+    parser.add_argument(
+        "--no-fidelity", action="store_true", help="paper scale: c is a prompt, no c-classifier to score it"
+    )
     args = parser.parse_args(argv)
     method, setting = args.method, SETTINGS[args.setting]
     label_meta = json.loads((setting.data / "meta.json").read_text())
-    table = pd.read_parquet(setting.data / "images.parquet")
     samples_dir = setting.samples / method
     samples = pd.read_parquet(samples_dir / "samples.parquet")
     sample_meta = json.loads((samples_dir / "meta.json").read_text())
 
-    digit_clf = Classifier.load("models/classifier/digit")
-    digit_clf.check_classes(label_meta["tasks"]["digit"]["classes"])
+    digit_clf, real = None, None
+    if not args.no_fidelity:
+        digit_clf = Classifier.load("models/classifier/digit")
+        digit_clf.check_classes(label_meta["tasks"]["digit"]["classes"])
+        real = real_by_split(pd.read_parquet(setting.data / "images.parquet"), label_meta)
     metrics = evaluate_samples(
         method,
         table_images(samples, label_meta["resolution"], label_meta["channels"]),
@@ -38,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         samples["y"].to_numpy(),
         label_meta,
         digit_clf,
-        real_by_split(table, label_meta),
+        real,
         sample_meta["cost"],
     )
     metrics["scale"] = sample_meta.get("scale")  # the guidance scale `tune` chose (None: no scale)
@@ -48,11 +53,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{name} accuracy {t['accuracy']:.3f}, macro-F1 {t['macro_f1']:.3f}"
         for name, t in metrics["tasks"].items()
     )
-    print(
-        f"{method}: {tasks}; "
+    fidelity = "fidelity not measured" if fid is None else (
         f"c_accuracy {fid['c_accuracy']:.3f}, Fréchet {fid['frechet']:.2f} "
         f"(held-out real {fid['frechet_real_heldout']:.2f})"
     )
+    print(f"{method}: {tasks}; {fidelity}")
 
 
 if __name__ == "__main__":

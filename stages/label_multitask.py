@@ -1,7 +1,8 @@
-"""Stage `label_multitask`: the multi-task dataset, compressibility and ink on disjoint halves.
+"""Stage `label_multitask`: the multi-task dataset, compressibility and a second label on disjoint halves.
 
 Compressibility is re-binned on its own half only (`multitask.compressibility_classes`, at that
-half's quantiles); ink keeps the label stage's classes on the other half. No image carries both
+half's quantiles or at `multitask.compressibility_thresholds`); the second label (ink, or aesthetic
+at paper scale) keeps the label stage's classes on the other half. No image carries both
 labels, which is what CTRL needs and classifier-free guidance cannot use (it needs both at once).
 """
 
@@ -23,8 +24,9 @@ def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(description=__doc__).parse_args(argv)
     params = load_params("params.yaml")
     table = pd.read_parquet(SOURCE / "images.parquet")
+    cfg = params.multitask
     table, meta, metrics = multitask_labels(
-        table, read_json(SOURCE / "meta.json"), params.multitask.compressibility_classes
+        table, read_json(SOURCE / "meta.json"), cfg.compressibility_classes, cfg.compressibility_thresholds
     )
     with atomic_dir(SETTINGS["multitask"].data) as tmp:
         table.to_parquet(tmp / "images.parquet", engine="pyarrow", index=False)

@@ -1,5 +1,7 @@
 """Shared tiny models: built from configs with random weights, fast enough for unit tests."""
 
+import socket
+
 import pytest
 import torch
 
@@ -30,12 +32,12 @@ def base() -> BaseModel:
     return micro_base()
 
 
-def micro_reward(num_classes: int = 4, seed: int = 3):
-    """A random (but seeded, so identical on every process) reward classifier for 8x8 images."""
+def micro_reward(num_classes: int = 4, seed: int = 3, in_channels: int = 1):
+    """A random (but seeded, so identical on every process) reward classifier for small images."""
     from ctrldiff.classifier import Classifier, SmallCNN
 
     torch.manual_seed(seed)
-    arch = {"in_channels": 1, "num_classes": num_classes, "width": 8}
+    arch = {"in_channels": in_channels, "num_classes": num_classes, "width": 8}
     return Classifier(SmallCNN(**arch), arch, meta={"classes": list(range(num_classes))}).eval()
 
 
@@ -57,3 +59,10 @@ def micro_finetune(**overrides) -> FinetuneParams:
     return FinetuneParams(
         **({"batch_size": 2, "grad_steps": 2, "lr_lora": 1e-2, "lr_embedding": 1e-1} | overrides)
     )
+
+
+def free_port() -> int:
+    """A free TCP port for a torchrun rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

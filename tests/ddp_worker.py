@@ -1,5 +1,6 @@
-"""Run by `torchrun --nproc_per_node 2` (gloo on CPU): a few CTRL updates on a micro base, after
-which every rank writes its trainable parameters for the test to compare."""
+"""Run by `torchrun --nproc_per_node 2` (gloo on CPU): a few CTRL updates on a micro base (or, with a
+second argument, a tiny Stable Diffusion folder), after which every rank writes its trainable
+parameters for the test to compare."""
 
 import sys
 from pathlib import Path
@@ -8,21 +9,26 @@ from accelerate import PartialState
 from accelerate.utils import set_seed
 from safetensors.torch import save_file
 
+from ctrldiff.base import load_stable_diffusion
 from ctrldiff.control import add_control
 from ctrldiff.finetune import finetune
 from ctrldiff.params import SampleParams
 from tests.conftest import LABEL_META, micro_base, micro_finetune, micro_reward
 
 
-def main(out: Path) -> None:
-    model = add_control(micro_base(), [0, 1, 2, 3], lora_rank=2)
+def main(out: Path, sd: str | None = None) -> None:
+    if sd is None:
+        base, reward = micro_base(), micro_reward()
+    else:  # latent rollouts, VAE decode before the reward, prompts as c
+        base, reward = load_stable_diffusion(sd, ["a cat", "a dog"]), micro_reward(in_channels=3)
     set_seed(0)
+    model = add_control(base, [0, 1, 2, 3], lora_rank=2)
     cfg = micro_finetune(updates=3, probe_every=100, checkpoint_every=100)
-    finetune(model, micro_reward(), 10.0, cfg, SampleParams(steps=3), LABEL_META, 0, out / "ckpt")
+    finetune(model, reward, 10.0, cfg, SampleParams(steps=3), LABEL_META, 0, out / "ckpt")
     state = PartialState()  # initialised by finetune's Accelerator
     params = {n: p.detach().contiguous() for n, p in model.base.unet.named_parameters() if p.requires_grad}
     save_file(params, out / f"rank{state.process_index}.safetensors")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), *sys.argv[2:])

@@ -1,5 +1,4 @@
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from ctrldiff.control import add_control
 from ctrldiff.finetune import draw_batch, finetune
 from ctrldiff.io import read_json
 from ctrldiff.params import SampleParams
-from tests.conftest import LABEL_META, micro_base, micro_finetune, micro_reward
+from tests.conftest import LABEL_META, free_port, micro_base, micro_finetune, micro_reward
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLER = SampleParams(steps=3)
@@ -82,12 +81,6 @@ def test_each_update_and_rank_draw_their_own_noise():
     again = draw_batch(0, 0, 0, 4, 10, 4)
     assert torch.equal(again[0], a[0]) and torch.equal(again[1], a[1]) and again[2] == a[2]
     assert draw_batch(1, 0, 0, 4, 10, 4)[2] != a[2] and draw_batch(0, 1, 0, 4, 10, 4)[2] != a[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_hold_identical_trainable_parameters(tmp_path):

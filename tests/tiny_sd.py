@@ -26,11 +26,11 @@ def _byte_level_vocab() -> dict[str, int]:
     return {t: i for i, t in enumerate(tokens)}
 
 
-def build_tiny_sd(directory: Path, seed: int = 0) -> Path:
-    """Write a tiny SD pipeline (8x8 latents, 16x16 images) to ``directory`` and return it."""
+def build_tiny_sd(directory: Path, seed: int = 0, sample_size: int = 8) -> Path:
+    """Write a tiny SD pipeline (8x8 latents, 16x16 images by default) to ``directory`` and return it."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=8,
+        sample_size=sample_size,
         in_channels=4,
         out_channels=4,
         block_out_channels=(16, 32),
@@ -49,7 +49,7 @@ def build_tiny_sd(directory: Path, seed: int = 0) -> Path:
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         norm_num_groups=8,
-        sample_size=16,
+        sample_size=2 * sample_size,
     )
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -80,3 +80,62 @@ def build_tiny_sd(directory: Path, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(directory)
     return directory
+
+
+def build_tiny_clip(directory: Path, seed: int = 0) -> tuple[Path, Path]:
+    """A tiny open_clip model in open_clip's local-dir layout, and a LAION-layout aesthetic head for it.
+
+    Returns (clip folder, head file). The head's last layer is scaled so scores spread around 5.
+    """
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    from ctrldiff.aesthetic import AestheticHead
+
+    torch.manual_seed(seed)
+    cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    preprocess = {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD)}
+    (directory / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess})
+    )
+    model = open_clip.model.CLIP(**cfg)
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, directory / "open_clip_model.safetensors"
+    )
+    head = AestheticHead(cfg["embed_dim"])
+    with torch.no_grad():
+        head.layers[7].weight.mul_(200.0)
+        head.layers[7].bias.fill_(5.0)
+    save_file(head.state_dict(), directory / "head.safetensors")
+    return directory, directory / "head.safetensors"
+
+
+def write_tiny_ava(root: Path, n: int = 24, size: int = 24, seed: int = 0) -> Path:
+    """An AVA-shaped folder: AVA.txt (index, id, 10 vote counts, 2 tags, challenge) and images/<id>.jpg.
+
+    Images range from flat to noisy so their JPEG sizes (and classes) differ.
+    """
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        image_id = 1000 + i
+        flat = rng.integers(0, 256, (1, 1, 3))
+        noise = rng.normal(0, 100 * i / n, (size, size, 3))
+        Image.fromarray((flat + noise).clip(0, 255).astype(np.uint8)).save(
+            root / "images" / f"{image_id}.jpg"
+        )
+        votes = rng.integers(1, 20, 10)
+        lines.append(" ".join(map(str, [i + 1, image_id, *votes, 0, 0, 1])))
+    (root / "AVA.txt").write_text("\n".join(lines) + "\n")
+    return root

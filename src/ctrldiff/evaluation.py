@@ -112,15 +112,25 @@ def evaluate_samples(
     c: np.ndarray,
     y: np.ndarray,
     label_meta: dict,
-    digit_clf: Classifier,
-    real: dict[str, tuple[np.ndarray, np.ndarray]],
+    digit_clf: Classifier | None,
+    real: dict[str, tuple[np.ndarray, np.ndarray]] | None,
     cost: dict,
 ) -> dict:
     """The standard metrics record of one method (see README: every method fills this shape).
 
     ``real`` holds ('train' and 'val') real pixels and their c: generated images are compared with
     the training digits; the held-out digits against the same training digits give the reference.
+    Without a c-classifier (paper scale: c is a prompt) fidelity is not measured and is None.
     """
+    record = {
+        "method": method,
+        "n_per_class": int(len(y) // int(np.prod(class_counts(label_meta)))),
+        "tasks": control_metrics(pixels, y, label_meta),
+        "fidelity": None,
+        "cost": cost,
+    }
+    if digit_clf is None or real is None:
+        return record
     train_pixels, train_c = real["train"]
     train_feats, _ = features_and_predictions(digit_clf, train_pixels)  # once, for both comparisons
     fid = fidelity(digit_clf, pixels, c, train_feats, train_c)
@@ -135,14 +145,11 @@ def evaluate_samples(
         ]
     )
     ref = fidelity(digit_clf, val_pixels[pick], val_c[pick], train_feats, train_c)
-    return {
-        "method": method,
-        "n_per_class": int(len(y) // int(np.prod(class_counts(label_meta)))),
-        "tasks": control_metrics(pixels, y, label_meta),
-        "fidelity": fid
-        | {"frechet_real_heldout": ref["frechet"], "c_accuracy_real_heldout": ref["c_accuracy"]},
-        "cost": cost,
+    record["fidelity"] = fid | {
+        "frechet_real_heldout": ref["frechet"],
+        "c_accuracy_real_heldout": ref["c_accuracy"],
     }
+    return record
 
 
 def tuning_scores(

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from ctrldiff.data import png_bytes, read_source
-from ctrldiff.oracles import ink_coverage, jpeg_size
+from ctrldiff.oracles import oracle_scores
 from ctrldiff.params import Params
 
 
@@ -46,6 +46,20 @@ def disjoint_halves(n: int, seed: int, names: tuple[str, str]) -> np.ndarray:
     return half
 
 
+def second_task_spec(params: Params) -> dict:
+    """The second label's entry of ``meta.json`` (thresholds are filled in once scores exist)."""
+    second = params.label.second
+    spec: dict = {"column": f"y_{second.property}", "score": second.property}
+    if second.property == "ink":
+        spec["oracle"] = "share of pixels >= 128"
+    else:
+        spec["oracle"] = "LAION aesthetic predictor on open_clip image features"
+        spec |= {"clip": params.aesthetic.clip, "head": params.aesthetic.head}
+        spec["batch_size"] = params.aesthetic.batch_size
+    spec |= {"binning": second.binning, "thresholds": [], "classes": list(range(second.num_classes))}
+    return spec
+
+
 def build_table(params: Params) -> tuple[pd.DataFrame, dict, dict]:
     """Read the source, compute oracle scores and classes, split; return (table, meta, metrics).
 
@@ -56,8 +70,7 @@ def build_table(params: Params) -> tuple[pd.DataFrame, dict, dict]:
     records, skipped = read_source(data, params.seed)
     pixels = [r.pixels for r in records]
     c = np.array([r.c for r in records])
-    jpeg = np.array([jpeg_size(p, lab.jpeg_quality) for p in pixels])
-    ink = np.array([ink_coverage(p) for p in pixels])
+    jpeg = oracle_scores(pixels, {"score": "jpeg_bytes", "jpeg_quality": lab.jpeg_quality}).astype(int)
 
     if lab.binning == "quantile":
         y_thresholds = quantile_thresholds(jpeg, lab.num_classes)
@@ -66,10 +79,19 @@ def build_table(params: Params) -> tuple[pd.DataFrame, dict, dict]:
     y = bin_scores(jpeg, y_thresholds)
 
     # The second label exists only on its own half, so no image carries both labels.
-    half = disjoint_halves(len(records), params.seed, ("compressibility", "ink"))
-    ink_half = half == "ink"
-    ink_thresholds = quantile_thresholds(ink[ink_half], lab.second.num_classes)
-    y_ink = np.where(ink_half, bin_scores(ink, ink_thresholds), -1)
+    name = lab.second.property
+    second_spec = second_task_spec(params)
+    half = disjoint_halves(len(records), params.seed, ("compressibility", name))
+    on_half = half == name
+    # A cheap oracle is recorded on every image (for analysis); the CLIP scorer runs on its half only.
+    scored = np.ones(len(records), bool) if name == "ink" else on_half
+    second = np.full(len(records), np.nan)
+    second[scored] = oracle_scores([p for p, s in zip(pixels, scored, strict=True) if s], second_spec)
+    if lab.second.binning == "quantile":
+        second_spec["thresholds"] = quantile_thresholds(second[on_half], lab.second.num_classes)
+    else:
+        second_spec["thresholds"] = sorted(lab.second.thresholds, reverse=True)
+    y_second = np.where(on_half, bin_scores(np.nan_to_num(second), second_spec["thresholds"]), -1)
 
     digits = np.unique(c)
     table = pd.DataFrame(
@@ -80,8 +102,8 @@ def build_table(params: Params) -> tuple[pd.DataFrame, dict, dict]:
             "c": c,
             "jpeg_bytes": jpeg,
             "y_compressibility": y,
-            "ink": ink,
-            "y_ink": y_ink,
+            name: second,
+            f"y_{name}": y_second,
             "half": half,
             "split": stratified_split(y, lab.val_fraction, params.seed),
         }
@@ -104,14 +126,7 @@ def build_table(params: Params) -> tuple[pd.DataFrame, dict, dict]:
                 "thresholds": y_thresholds,
                 "classes": list(range(lab.num_classes)),
             },
-            "ink": {
-                "column": "y_ink",
-                "score": "ink",
-                "oracle": "share of pixels >= 128",
-                "binning": "quantile",
-                "thresholds": ink_thresholds,
-                "classes": list(range(lab.second.num_classes)),
-            },
+            name: second_spec,
             "digit": {"column": "c", "classes": [int(d) for d in digits]},
         },
     }
@@ -130,10 +145,10 @@ def build_table(params: Params) -> tuple[pd.DataFrame, dict, dict]:
                 int(d): np.bincount(y[c == d], minlength=lab.num_classes).tolist() for d in digits
             },
         },
-        "ink": {
-            "thresholds": ink_thresholds,
-            "counts": np.bincount(y_ink[ink_half], minlength=lab.second.num_classes).tolist(),
-            "n_labelled": int(ink_half.sum()),
+        name: {
+            "thresholds": second_spec["thresholds"],
+            "counts": np.bincount(y_second[on_half], minlength=lab.second.num_classes).tolist(),
+            "n_labelled": int(on_half.sum()),
         },
         "split": {"train": int((table.split == "train").sum()), "val": int((table.split == "val").sum())},
     }

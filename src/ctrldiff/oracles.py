@@ -40,4 +40,15 @@ def ink_coverage(pixels: np.ndarray) -> float:
     return float((gray >= 128).mean())
 
 
-SCORES = {"compressibility": jpeg_size, "ink": ink_coverage}
+def oracle_scores(pixels: np.ndarray | list[np.ndarray], spec: dict) -> np.ndarray:
+    """One task's oracle score of each uint8 image, by the task spec's ``score`` (see ``meta.json``)."""
+    if spec["score"] == "jpeg_bytes":
+        return np.array([jpeg_size(p, spec["jpeg_quality"]) for p in pixels], dtype=float)
+    if spec["score"] == "ink":
+        return np.array([ink_coverage(p) for p in pixels], dtype=float)
+    if spec["score"] == "aesthetic":
+        from ctrldiff.aesthetic import load_scorer  # open_clip is imported only where it is used
+
+        rgb = np.stack([p if p.ndim == 3 else np.repeat(p[..., None], 3, axis=-1) for p in pixels])
+        return load_scorer(spec["clip"], spec["head"]).score(rgb, spec.get("batch_size", 32))
+    raise ValueError(f"no oracle for score {spec['score']!r}; known: jpeg_bytes, ink, aesthetic")

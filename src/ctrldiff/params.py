@@ -38,11 +38,33 @@ class DataParams(_Section):
         return self
 
 
-class SecondLabelParams(_Section):
-    """The second image property, labelled on a disjoint half of the images (multi-task)."""
+def _check_thresholds(section: str, binning: str, thresholds: list[float], num_classes: int) -> None:
+    """Fixed cut points: num_classes - 1 distinct values (any order; classes count from the top)."""
+    if binning != "thresholds":
+        return
+    if len(thresholds) != num_classes - 1:
+        raise ValueError(
+            f"{section}.thresholds needs num_classes - 1 = {num_classes - 1} values, got {len(thresholds)}"
+        )
+    if len(set(thresholds)) != len(thresholds):
+        raise ValueError(f"{section}.thresholds must be distinct")
 
-    property: Literal["ink"] = "ink"
+
+class SecondLabelParams(_Section):
+    """The second image property, labelled on a disjoint half of the images (multi-task).
+
+    ink: share of bright pixels (embedded digits); aesthetic: the CLIP aesthetic scorer (paper scale).
+    """
+
+    property: Literal["ink", "aesthetic"] = "ink"
     num_classes: int = Field(2, ge=2)
+    binning: Literal["quantile", "thresholds"] = "quantile"  # quantiles of its own half, or fixed cuts
+    thresholds: list[float] = Field(default_factory=list)  # e.g. [5.7] for the paper's aesthetic cut
+
+    @model_validator(mode="after")
+    def _thresholds_match_classes(self) -> SecondLabelParams:
+        _check_thresholds("label.second", self.binning, self.thresholds, self.num_classes)
+        return self
 
 
 class LabelParams(_Section):
@@ -57,14 +79,9 @@ class LabelParams(_Section):
 
     @model_validator(mode="after")
     def _thresholds_match_classes(self) -> LabelParams:
-        if self.binning == "thresholds":
-            if len(self.thresholds) != self.num_classes - 1:
-                raise ValueError(
-                    f"label.thresholds needs num_classes - 1 = {self.num_classes - 1} values, "
-                    f"got {len(self.thresholds)}"
-                )
-            if len(set(self.thresholds)) != len(self.thresholds) or min(self.thresholds) <= 0:
-                raise ValueError("label.thresholds must be distinct positive byte counts")
+        _check_thresholds("label", self.binning, self.thresholds, self.num_classes)
+        if self.thresholds and min(self.thresholds) <= 0:
+            raise ValueError("label.thresholds must be positive byte counts")
         return self
 
 
@@ -180,13 +197,33 @@ class EfficiencyParams(_Section):
 
 
 class MultitaskParams(_Section):
-    """Two labels from disjoint halves (compressibility on one, ink on the other); y is the joint class."""
+    """Two labels from disjoint halves (compressibility on one, the second label on the other).
 
-    compressibility_classes: int = Field(2, ge=2)  # binned at the quantiles of its own half
+    y is the joint class.
+    """
+
+    compressibility_classes: int = Field(2, ge=2)
+    # empty: cut at the quantiles of its own half; else fixed byte counts (the paper: [70000])
+    compressibility_thresholds: list[float] = Field(default_factory=list)
     # reward = w1 log p̂(compressibility | x) + w2 log p̂(ink | x)
     weights: list[Annotated[float, Field(gt=0)]] = Field(
         default_factory=lambda: [1.0, 1.0], min_length=2, max_length=2
     )
+
+    @model_validator(mode="after")
+    def _thresholds_match_classes(self) -> MultitaskParams:
+        binning = "thresholds" if self.compressibility_thresholds else "quantile"
+        cuts, k = self.compressibility_thresholds, self.compressibility_classes
+        _check_thresholds("multitask.compressibility", binning, cuts, k)
+        return self
+
+
+class AestheticParams(_Section):
+    """The aesthetic scorer (label.second.property: aesthetic): local files only, nothing downloaded."""
+
+    clip: str | None = None  # open_clip folder: open_clip_config.json + weights (e.g. ViT-L/14)
+    head: str | None = None  # LAION aesthetic predictor MLP weights (.pth or .safetensors)
+    batch_size: int = Field(32, ge=1)
 
 
 class ContinuousParams(_Section):
@@ -212,6 +249,15 @@ class Params(_Section):
     efficiency: EfficiencyParams = EfficiencyParams()
     multitask: MultitaskParams = MultitaskParams()
     continuous: ContinuousParams = ContinuousParams()
+    aesthetic: AestheticParams = AestheticParams()
+
+    @model_validator(mode="after")
+    def _aesthetic_files(self) -> Params:
+        if self.label.second.property == "aesthetic" and not (self.aesthetic.clip and self.aesthetic.head):
+            raise ValueError(
+                "aesthetic.clip and aesthetic.head are required when label.second.property is aesthetic"
+            )
+        return self
 
     @model_validator(mode="after")
     def _window_within_rollout(self) -> Params:

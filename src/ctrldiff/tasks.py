@@ -20,7 +20,7 @@ from torch import nn
 
 from ctrldiff.classifier import Classifier
 from ctrldiff.labels import bin_scores, quantile_thresholds
-from ctrldiff.oracles import ink_coverage, jpeg_size
+from ctrldiff.oracles import oracle_scores
 
 
 @dataclass(frozen=True)
@@ -78,12 +78,7 @@ def join(ys: list[np.ndarray], counts: list[int]) -> np.ndarray:
 
 def oracle_classes(pixels: np.ndarray, spec: dict) -> tuple[np.ndarray, np.ndarray]:
     """(oracle score, class) of each uint8 image for one task of ``meta.json``."""
-    if spec["score"] == "jpeg_bytes":
-        scores = np.array([jpeg_size(p, spec["jpeg_quality"]) for p in pixels])
-    elif spec["score"] == "ink":
-        scores = np.array([ink_coverage(p) for p in pixels])
-    else:
-        raise ValueError(f"no oracle for score {spec['score']!r}; known: jpeg_bytes, ink")
+    scores = oracle_scores(pixels, spec)
     return scores, bin_scores(scores, spec["thresholds"])
 
 
@@ -128,17 +123,27 @@ def load_reward(meta: dict, models: Path = Path("models"), weights: list[float] 
     return JointReward(classifiers, weights or [1.0] * len(tasks))
 
 
-def multitask_labels(
-    table: pd.DataFrame, meta: dict, compressibility_classes: int
-) -> tuple[pd.DataFrame, dict, dict]:
-    """The multi-task dataset: compressibility on its own half only, ink on the other half.
+def second_task(meta: dict) -> str:
+    """The name of the label made on the other half of the images (ink, aesthetic)."""
+    return next(t for t in meta["tasks"] if t not in ("compressibility", "compressibility_half", "digit"))
 
+
+def multitask_labels(
+    table: pd.DataFrame, meta: dict, compressibility_classes: int, thresholds: list[float] | None = None
+) -> tuple[pd.DataFrame, dict, dict]:
+    """The multi-task dataset: compressibility on its own half only, the second label on the other.
+
+    Compressibility is cut at ``thresholds`` (bytes) if given, else at its own half's quantiles.
     Returns (table with a ``y_compressibility_half`` column, -1 off its half; meta whose control is
-    (compressibility_half, ink); metrics with how many images carry both labels, which is zero).
+    (compressibility_half, second); metrics with how many images carry both labels, which is zero).
     """
     half = (table["half"] == "compressibility").to_numpy()
     sizes = table["jpeg_bytes"].to_numpy()
-    thresholds = quantile_thresholds(sizes[half], compressibility_classes)
+    binning = "thresholds" if thresholds else "quantile"
+    if thresholds:
+        thresholds = sorted(thresholds, reverse=True)
+    else:
+        thresholds = quantile_thresholds(sizes[half], compressibility_classes)
     table = table.assign(y_compressibility_half=np.where(half, bin_scores(sizes, thresholds), -1))
     meta = copy.deepcopy(meta)
     source = meta["tasks"]["compressibility"]
@@ -147,11 +152,11 @@ def multitask_labels(
         "score": "jpeg_bytes",
         "oracle": source["oracle"],
         "jpeg_quality": source["jpeg_quality"],
-        "binning": "quantile",
+        "binning": binning,
         "thresholds": thresholds,
         "classes": list(range(compressibility_classes)),
     }
-    meta["control"] = ["compressibility_half", "ink"]
+    meta["control"] = ["compressibility_half", second_task(meta)]
     labelled = {t: (table[meta["tasks"][t]["column"]] >= 0).to_numpy() for t in meta["control"]}
     metrics = {
         "tasks": meta["control"],
