@@ -23,7 +23,7 @@ from ctrldiff.oracles import oracle_scores
 from ctrldiff.params import DataParams, ParamsError, load_params
 from stages import base, evaluate, finetune, label, label_multitask, sample, train_classifier
 from tests.conftest import free_port
-from tests.tiny_sd import build_tiny_clip, build_tiny_sd, write_tiny_ava
+from tests.tiny_sd import build_tiny_models, paper_params_on_tiny_models
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "paper/params.yaml"
@@ -51,14 +51,7 @@ def test_aesthetic_needs_its_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny")
-    clip, head = build_tiny_clip(root / "clip")
-    return {
-        "sd": build_tiny_sd(root / "tiny-sd"),
-        "clip": clip,
-        "head": head,
-        "ava": write_tiny_ava(root / "AVA", n=40),
-    }
+    return build_tiny_models(tmp_path_factory.mktemp("tiny"))
 
 
 def test_bad_clip_folder_or_head_is_named(tmp_path, tiny_models):
@@ -93,37 +86,12 @@ def test_aesthetic_scorer_is_the_laion_mlp_on_normalised_clip_features(tiny_mode
     np.testing.assert_allclose(oracle_scores(list(pixels), spec), expected, rtol=1e-4, atol=1e-4)
 
 
-def paper_params_on_tiny_models(tiny_models: dict[str, Path]) -> dict:
-    """paper/params.yaml with local tiny paths and CPU-sized numbers; every other setting kept."""
-    p = yaml.safe_load(PAPER.read_text())
-    p["data"] |= {"path": str(tiny_models["ava"]), "resolution": 16}
-    # 16x16 JPEGs are ~1 KB, far from the paper's 110/85/60 KB cuts: bin at quantiles instead.
-    p["label"] |= {"binning": "quantile", "thresholds": []}
-    p["label"]["second"] |= {"binning": "quantile", "thresholds": []}
-    p["multitask"]["compressibility_thresholds"] = []
-    p["aesthetic"] |= {"clip": str(tiny_models["clip"]), "head": str(tiny_models["head"])}
-    p["base"]["pretrained"] = str(tiny_models["sd"])
-    p["classifier"] |= {"epochs": 1, "width": 8, "batch_size": 16}
-    p["sample"] |= {"steps": 4, "n_per_request": 1, "batch_size": 16}
-    p["finetune"] |= {
-        "updates": 2,
-        "batch_size": 2,
-        "grad_accumulation": 1,
-        "grad_steps": 2,
-        "mixed_precision": "no",  # fp16 needs a GPU
-        "checkpoint_every": 1,
-        "probe_every": 1,
-        "probe_per_class": 1,
-    }
-    return p
-
-
 @pytest.fixture(scope="module")
 def paper_run(tmp_path_factory, tiny_models) -> Path:
     """label -> train_classifier -> base -> finetune -> sample -> evaluate, single and multi-task."""
     work = tmp_path_factory.mktemp("paper")
     (work / "prompts.txt").write_text("a photo of a cat\na dog\n")
-    (work / "params.yaml").write_text(yaml.safe_dump(paper_params_on_tiny_models(tiny_models)))
+    (work / "params.yaml").write_text(yaml.safe_dump(paper_params_on_tiny_models(PAPER, tiny_models)))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.chdir(work)
