@@ -3,6 +3,9 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# Let Python cache bytecode: the install skips compiling (faster), and with
+# PYTHONDONTWRITEBYTECODE set every stage process would recompile diffusers/peft/torch (12 s vs 5 s).
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: setup repro test smoke
 
