@@ -1,6 +1,8 @@
+from types import SimpleNamespace
+
 import torch
 
-from ctrldiff.sampling import SamplerConfig, nfe_per_image, request_noise, sample, sample_requests
+from ctrldiff.sampling import SamplerConfig, guided_eps, nfe_per_image, request_noise, sample, sample_requests
 
 CFG = SamplerConfig(steps=4, eta=1.0, guidance_scale=2.0)
 
@@ -31,3 +33,26 @@ def test_noise_per_request_and_cost():
     torch.testing.assert_close(n[0], n[1])
     assert nfe_per_image(CFG) == 8
     assert nfe_per_image(SamplerConfig(steps=4, guidance_scale=1.0)) == 4
+
+
+def test_timesteps_follow_the_latents_device():
+    """On a GPU the UNet's timestep tensor must be created on the latents' device (found on CUDA)."""
+    seen = []
+
+    def unet(x, t, hidden, class_labels=None):
+        seen.append(t.device)
+        return SimpleNamespace(sample=x)
+
+    model = SimpleNamespace(unet=unet, encoder=_Encoder(null_index=0))
+    x = torch.zeros(2, 1, 4, 4, device="meta")
+    guided_eps(model, x, 5, torch.tensor([1, 2]), 2.0)
+    guided_eps(model, x, 5, torch.tensor([1, 2]), 1.0)
+    assert seen == [x.device, x.device]
+
+
+class _Encoder:
+    def __init__(self, null_index: int):
+        self.null_index = null_index
+
+    def __call__(self, c):
+        return None

@@ -84,6 +84,11 @@ class BaseModel:
         cfg = self.unet.config
         return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the UNet lives: the sampler puts its noise and requests there."""
+        return next(self.unet.parameters()).device
+
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Sampler space -> image space in [-1, 1] (identity for a pixel-space model)."""
         if self.vae is None:

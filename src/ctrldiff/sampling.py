@@ -47,7 +47,7 @@ def guided_eps(
     The unconditional branch is NULL c (and NULL y when the model has a y-embedding).
     """
     null_c = torch.full_like(c, model.encoder.null_index)
-    tt = torch.full((len(x),), t, dtype=torch.long)
+    tt = torch.full((len(x),), t, dtype=torch.long, device=x.device)
     if scale == 1.0:
         return model.unet(x, tt, model.encoder(c), class_labels=y).sample
     if y is None:
@@ -130,7 +130,9 @@ def sample(
         bad = y[(y < 0) | (y >= y_null)]
         if len(bad):
             raise ValueError(f"requested y = {int(bad[0])} is not a class of this control: 0..{y_null - 1}")
-    noise = request_noise(seeds, model.sample_shape, cfg.steps)
+    device = model.device
+    noise = request_noise(seeds, model.sample_shape, cfg.steps).to(device)  # CPU-drawn: same on any device
+    c, y = c.to(device), None if y is None else y.to(device)
     x = noise[:, 0]
     for k, (t, t_prev) in enumerate(timestep_pairs(model.scheduler, cfg.steps), start=1):
         x = step(model, x, t, t_prev, noise[:, k], c, cfg, y, y_null)

@@ -80,7 +80,7 @@ class CFGOnY:
         y_null: int,
     ) -> torch.Tensor:
         null_c, null_y = torch.full_like(c, model.encoder.null_index), torch.full_like(y, y_null)
-        tt = torch.full((3 * len(x),), t, dtype=torch.long)
+        tt = torch.full((3 * len(x),), t, dtype=torch.long, device=x.device)
         eps_u, eps_c, eps_cy = model.unet(
             torch.cat([x, x, x]),
             tt,

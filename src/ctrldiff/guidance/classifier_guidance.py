@@ -101,7 +101,7 @@ class ClassifierGuidance:
         eps = guided_eps(model, x, t, c, cfg.guidance_scale)
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
-            tt = torch.full((len(x),), t, dtype=torch.long)
+            tt = torch.full((len(x),), t, dtype=torch.long, device=x.device)
             (grad,) = torch.autograd.grad(self.classifier.log_prob(xg, tt, y).sum(), xg)
         eps = eps - self.scale * (1 - alpha_bar(model.scheduler, t)).sqrt() * grad
         mean, sigma, _ = ddim_step(model.scheduler, x, eps, t, t_prev, cfg.eta)
