@@ -13,7 +13,7 @@ import argparse
 import numpy as np
 import torch
 
-from ctrldiff.base import load_base
+from ctrldiff.base import default_device, load_base
 from ctrldiff.continuous import interpolation_weights, parity_metrics, spread_targets
 from ctrldiff.control import load_control
 from ctrldiff.io import read_json, write_json
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
 
     base = load_base("models/base")
     model = load_control(base, "models/ctrl")
+    base.to(default_device())
     # every target for every digit c, per_digit times; request i uses seed + i
     target_idx, c = np.meshgrid(np.arange(len(targets)), np.arange(len(base.classes)), indexing="ij")
     target_idx, c = np.repeat(target_idx.ravel(), cont.per_digit), np.repeat(c.ravel(), cont.per_digit)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ctrldiff.base import default_device
 from ctrldiff.data import png_bytes
 from ctrldiff.io import atomic_dir, read_json, write_json
 from ctrldiff.methods import METHODS, TUNED, build, generate
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         svdd_temperature=params.baselines.svdd_temperature,
         reward_weights=params.multitask.weights,
         ctrl=setting.ctrl,
+        device=default_device(),
     )
     req, pixels, cost = generate(
         model, step, y_null, params.sample, num_y, params.sample.n_per_request, params.sample.seed, method

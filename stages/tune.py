@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from ctrldiff.base import default_device
 from ctrldiff.classifier import Classifier
 from ctrldiff.evaluation import pick_scale, tuning_scores
 from ctrldiff.io import read_json, write_json
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
             label_meta,
             svdd_temperature=params.baselines.svdd_temperature,
             reward_weights=params.multitask.weights,
+            device=default_device(),
         )
         req, pixels, cost = generate(
             model,

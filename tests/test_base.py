@@ -39,3 +39,10 @@ def test_unknown_class_is_refused_naming_the_value():
     base = micro_base(num_classes=3)
     with pytest.raises(BaseModelError, match="c = 7"):
         sample(base, torch.tensor([0, 7]), [0, 1], CFG)
+
+
+def test_to_moves_denoiser_and_encoder(base):
+    """`BaseModel.to` is how sampling stages reach the GPU; the sampler then follows the UNet."""
+    base.to("meta")
+    assert base.device.type == "meta"
+    assert all(p.device.type == "meta" for p in base.encoder.parameters())

@@ -65,6 +65,11 @@ class PromptEncoder(nn.Module):
         return self.hidden[c]
 
 
+def default_device() -> str:
+    """Where sampling stages run: the GPU when there is one (Stable Diffusion needs it), else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @dataclass
 class BaseModel:
     """Everything needed to sample from p_pre(x | c)."""
@@ -88,6 +93,13 @@ class BaseModel:
     def device(self) -> torch.device:
         """Where the UNet lives: the sampler puts its noise and requests there."""
         return next(self.unet.parameters()).device
+
+    def to(self, device: str | torch.device) -> BaseModel:
+        """Move the denoiser (with any adapter attached), the c-encoder and the VAE to ``device``."""
+        for module in (self.unet, self.encoder, self.vae):
+            if module is not None:
+                module.to(device)
+        return self
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Sampler space -> image space in [-1, 1] (identity for a pixel-space model)."""

@@ -146,9 +146,8 @@ def finetune(
     device = accelerator.device
     set_seed(seed)
     base = model.base
-    for module in (base.unet, base.encoder, reward, base.vae):
-        if module is not None:
-            module.to(device)
+    base.to(device)
+    reward.to(device)
     reward.requires_grad_(False)
     lora, emb = model.trainable_parameters()
     opt = torch.optim.AdamW(

@@ -36,12 +36,13 @@ def build(
     svdd_temperature: float = 0.0,
     reward_weights: list[float] | None = None,
     ctrl: Path | None = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[BaseModel, Step, int | None]:
     """(model, step, y_null) of a method; y_null None means the method ignores y (the base).
 
     The clean-image guidance methods (reconstruction, DPS, SVDD) follow the dataset's reward
     (``tasks.load_reward``: its classifier, or the weighted joint of several); ``ctrl`` is the
-    CTRL adapter's folder, by default models/ctrl.
+    CTRL adapter's folder, by default models/ctrl. Everything it loads goes to ``device``.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
@@ -50,20 +51,20 @@ def build(
     base = load_base(models / "base")
     num_y = num_joint_classes(label_meta)
     if method == "base":
-        return base, ddim_cfg_step, None
+        return base.to(device), ddim_cfg_step, None
     if method in ("ctrl", "cfg"):
         directory = (ctrl or models / "ctrl") if method == "ctrl" else models / "cfg"
         control = load_control(base, directory)
-        return base, ddim_cfg_step if method == "ctrl" else CFGOnY(scale), control.y_null
+        return base.to(device), ddim_cfg_step if method == "ctrl" else CFGOnY(scale), control.y_null
     if method == "classifier_guidance":
-        noisy = load_noisy_classifier(models / "noisy_classifier", base.scheduler)
-        return base, ClassifierGuidance(noisy, scale), num_y
-    reward = load_reward(label_meta, models, reward_weights).requires_grad_(False)
+        noisy = load_noisy_classifier(models / "noisy_classifier", base.scheduler).to(device)
+        return base.to(device), ClassifierGuidance(noisy, scale), num_y
+    reward = load_reward(label_meta, models, reward_weights).requires_grad_(False).to(device)
     if method == "reconstruction":
-        return base, ReconstructionGuidance(reward, scale), num_y
+        return base.to(device), ReconstructionGuidance(reward, scale), num_y
     if method == "dps":
-        return base, DPS(reward, scale), num_y
-    return base, SVDD(reward, int(scale), svdd_temperature), num_y
+        return base.to(device), DPS(reward, scale), num_y
+    return base.to(device), SVDD(reward, int(scale), svdd_temperature), num_y
 
 
 def balanced_requests(num_c: int, num_y: int, n: int, seed: int) -> pd.DataFrame:

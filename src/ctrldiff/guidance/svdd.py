@@ -55,4 +55,4 @@ class SVDD:
             pick = value.argmax(0)
         else:
             pick = torch.multinomial((value / self.temperature).softmax(0).T, 1, generator=g).squeeze(1)
-        return cand[pick, torch.arange(len(x))]
+        return cand[pick, torch.arange(len(x), device=x.device)]
