@@ -51,20 +51,24 @@ def build(
     base = load_base(models / "base")
     num_y = num_joint_classes(label_meta)
     if method == "base":
-        return base.to(device), ddim_cfg_step, None
-    if method in ("ctrl", "cfg"):
+        step, y_null = ddim_cfg_step, None
+    elif method in ("ctrl", "cfg"):
         directory = (ctrl or models / "ctrl") if method == "ctrl" else models / "cfg"
-        control = load_control(base, directory)
-        return base.to(device), ddim_cfg_step if method == "ctrl" else CFGOnY(scale), control.y_null
-    if method == "classifier_guidance":
+        control = load_control(base, directory)  # attaches the adapter: move the base afterwards
+        step, y_null = (ddim_cfg_step if method == "ctrl" else CFGOnY(scale)), control.y_null
+    elif method == "classifier_guidance":
         noisy = load_noisy_classifier(models / "noisy_classifier", base.scheduler).to(device)
-        return base.to(device), ClassifierGuidance(noisy, scale), num_y
-    reward = load_reward(label_meta, models, reward_weights).requires_grad_(False).to(device)
-    if method == "reconstruction":
-        return base.to(device), ReconstructionGuidance(reward, scale), num_y
-    if method == "dps":
-        return base.to(device), DPS(reward, scale), num_y
-    return base.to(device), SVDD(reward, int(scale), svdd_temperature), num_y
+        step, y_null = ClassifierGuidance(noisy, scale), num_y
+    else:
+        reward = load_reward(label_meta, models, reward_weights).requires_grad_(False).to(device)
+        if method == "reconstruction":
+            step = ReconstructionGuidance(reward, scale)
+        elif method == "dps":
+            step = DPS(reward, scale)
+        else:
+            step = SVDD(reward, int(scale), svdd_temperature)
+        y_null = num_y
+    return base.to(device), step, y_null
 
 
 def balanced_requests(num_c: int, num_y: int, n: int, seed: int) -> pd.DataFrame:
