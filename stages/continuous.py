@@ -13,10 +13,10 @@ import argparse
 import numpy as np
 import torch
 
-from ctrldiff.base import default_device, load_base
+from ctrldiff.base import default_device
 from ctrldiff.continuous import interpolation_weights, parity_metrics, spread_targets
-from ctrldiff.control import load_control
 from ctrldiff.io import read_json, write_json
+from ctrldiff.methods import build
 from ctrldiff.oracles import to_uint8
 from ctrldiff.params import load_params
 from ctrldiff.plots import parity_plot
@@ -28,13 +28,12 @@ def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(description=__doc__).parse_args(argv)
     params = load_params("params.yaml")
     cont, sampler = params.continuous, params.sample
-    spec = read_json("data/labelled/meta.json")["tasks"]["compressibility"]
+    label_meta = read_json("data/labelled/meta.json")
+    spec = label_meta["tasks"]["compressibility"]
     means = read_json("metrics/eval/ctrl.json")["tasks"]["compressibility"]["mean_score_per_class"]
     targets = spread_targets(means, cont.num_targets)
 
-    base = load_base("models/base")
-    model = load_control(base, "models/ctrl")
-    base.to(default_device())
+    base, _, y_null = build("ctrl", None, label_meta, device=default_device())
     # every target for every digit c, per_digit times; request i uses seed + i
     target_idx, c = np.meshgrid(np.arange(len(targets)), np.arange(len(base.classes)), indexing="ij")
     target_idx, c = np.repeat(target_idx.ravel(), cont.per_digit), np.repeat(c.ravel(), cont.per_digit)
@@ -47,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         SamplerConfig(sampler.steps, sampler.eta, sampler.guidance_scale),
         sampler.batch_size,
         weights,
-        model.y_null,
+        y_null,
         desc="continuous",
     )
     achieved, _ = oracle_classes(to_uint8(images), spec)
