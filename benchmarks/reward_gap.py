@@ -58,27 +58,28 @@ def main() -> None:
     table = pd.read_parquet("data/labelled/images.parquet")
     real = table_images(table[table.split == "val"], meta["resolution"], meta["channels"])
     sets = {"real (held out)": (real, None)}
+    num_y = len(spec["classes"])
     for method in ("base", "ctrl"):
         model, step, y_null = build(method, None, meta, args.models, ctrl=args.ctrl)
-        num_y = len(spec["classes"])
         req, pixels, _ = generate(
             model, step, y_null, params.sample, num_y, args.n, params.sample.seed, method
         )
         sets[method] = (pixels, req.y.to_numpy())
 
     print(f"{'images':<16} {'black':>6} {'haze':>6} {'JPEG B':>7} {'classifier = oracle':>20}")
+    judged = {name: verdicts(reward, pixels, spec) for name, (pixels, _) in sets.items()}
     for name, (pixels, _) in sets.items():
-        said, truth, scores = verdicts(reward, pixels, spec)
+        said, truth, scores = judged[name]
         stats = pixel_stats(pixels)
         agree = (said == truth).mean()
         print(f"{name:<16} {stats['black']:6.3f} {stats['haze']:6.3f} {scores.mean():7.1f} {agree:20.3f}")
 
-    pixels, asked = sets["ctrl"]
-    said, truth, scores = verdicts(reward, pixels, spec)
+    asked = sets["ctrl"][1]
+    said, truth, scores = judged["ctrl"]
     print("\nCTRL, per requested class: images the classifier puts in it, and of those the oracle's classes")
-    for k in range(len(spec["classes"])):
+    for k in range(num_y):
         hit = (asked == k) & (said == k)
-        oracle = np.bincount(truth[hit], minlength=len(spec["classes"])).tolist()
+        oracle = np.bincount(truth[hit], minlength=num_y).tolist()
         print(
             f"y = {k}: classifier {hit.sum():3d} / {(asked == k).sum()}, oracle classes of those {oracle}, "
             f"mean size {scores[asked == k].mean():.0f} B (thresholds {spec['thresholds']})"
