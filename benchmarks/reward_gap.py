@@ -8,6 +8,8 @@ requests and seeds as the `sample` stage, n per pair) it prints the pixel statis
 most sensitive to (the share of dark pixels that are exactly black, the share of faint haze at levels
 1-32), the mean oracle size, and how often the compressibility classifier's verdict equals the
 oracle's. For CTRL it then splits each requested class: the classifier's verdict against the oracle's.
+Last, the reward's own ceiling: for each class, the largest p̂(y | x) on the held-out real digits and
+the oracle's share of class y among the `--top` real digits with the highest p̂(y | x).
 A classifier that agrees with the oracle on real digits but not on generated ones rewards CTRL for
 images the oracle puts in another class; that gap, not the optimiser, bounds CTRL's oracle accuracy.
 """
@@ -45,11 +47,30 @@ def verdicts(
     return said, truth, scores
 
 
+def confident_purity(
+    reward: torch.nn.Module, pixels: np.ndarray, truth: np.ndarray, top: int
+) -> list[tuple[float, float]]:
+    """Per class y: the largest p̂(y | x), and the oracle's share of y among the ``top`` images by p̂(y | x).
+
+    At large γ CTRL's target keeps only images where p̂(y | x) is near its maximum. If even among
+    real digits those are not of class y by the oracle, no optimiser reaches full accuracy with this
+    reward: the share bounds what the tilted target can give on a class.
+    """
+    with torch.no_grad():
+        probs = reward(to_model_space(pixels)).softmax(-1).numpy()
+    ceiling = []
+    for k in range(probs.shape[1]):
+        best = np.argsort(-probs[:, k])[:top]
+        ceiling.append((float(probs[:, k].max()), float((truth[best] == k).mean())))
+    return ceiling
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", type=Path, default=Path("models"))
     parser.add_argument("--ctrl", type=Path, default=Path("models/ctrl"))
     parser.add_argument("--n", type=int, default=2, help="images per (c, y) pair")
+    parser.add_argument("--top", type=int, default=50, help="most confident real digits per class")
     args = parser.parse_args()
     params = load_params("params.yaml")
     meta = json.loads(Path("data/labelled/meta.json").read_text())
@@ -84,6 +105,11 @@ def main() -> None:
             f"y = {k}: classifier {hit.sum():3d} / {(asked == k).sum()}, oracle classes of those {oracle}, "
             f"mean size {scores[asked == k].mean():.0f} B (thresholds {spec['thresholds']})"
         )
+
+    print(f"\nThe reward's ceiling on the held-out real digits (its {args.top} most confident per class)")
+    _, truth, _ = judged["real (held out)"]
+    for k, (most, share) in enumerate(confident_purity(reward, real, truth, args.top)):
+        print(f"y = {k}: largest p̂(y | x) {most:.2f}, oracle class = y for {share:.2f} of the {args.top}")
 
 
 if __name__ == "__main__":
