@@ -8,10 +8,10 @@ requests and seeds as the `sample` stage, n per pair) it prints the pixel statis
 most sensitive to (the share of dark pixels that are exactly black, the share of faint haze at levels
 1-32), the mean oracle size, and how often the compressibility classifier's verdict equals the
 oracle's. For CTRL it then splits each requested class: the classifier's verdict against the oracle's.
+A classifier that agrees with the oracle on real digits but not on generated ones rewards CTRL for
+images the oracle puts in another class.
 Last, the reward's own ceiling: for each class, the largest p̂(y | x) on the held-out real digits and
 the oracle's share of class y among the `--top` real digits with the highest p̂(y | x).
-A classifier that agrees with the oracle on real digits but not on generated ones rewards CTRL for
-images the oracle puts in another class; that gap, not the optimiser, bounds CTRL's oracle accuracy.
 """
 
 from __future__ import annotations
@@ -40,24 +40,20 @@ def pixel_stats(pixels: np.ndarray) -> dict[str, float]:
 def verdicts(
     reward: torch.nn.Module, pixels: np.ndarray, spec: dict
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(classifier's class, oracle's class, oracle score) of each image."""
+    """(classifier's class probabilities, oracle's class, oracle score) of each image."""
     with torch.no_grad():
-        said = reward(to_model_space(pixels)).argmax(-1).numpy()
+        probs = reward(to_model_space(pixels)).softmax(-1).numpy()
     scores, truth = oracle_classes(pixels, spec)  # (score, class)
-    return said, truth, scores
+    return probs, truth, scores
 
 
-def confident_purity(
-    reward: torch.nn.Module, pixels: np.ndarray, truth: np.ndarray, top: int
-) -> list[tuple[float, float]]:
+def confident_purity(probs: np.ndarray, truth: np.ndarray, top: int) -> list[tuple[float, float]]:
     """Per class y: the largest p̂(y | x), and the oracle's share of y among the ``top`` images by p̂(y | x).
 
     At large γ CTRL's target keeps only images where p̂(y | x) is near its maximum. If even among
     real digits those are not of class y by the oracle, no optimiser reaches full accuracy with this
     reward: the share bounds what the tilted target can give on a class.
     """
-    with torch.no_grad():
-        probs = reward(to_model_space(pixels)).softmax(-1).numpy()
     ceiling = []
     for k in range(probs.shape[1]):
         best = np.argsort(-probs[:, k])[:top]
@@ -90,13 +86,15 @@ def main() -> None:
     print(f"{'images':<16} {'black':>6} {'haze':>6} {'JPEG B':>7} {'classifier = oracle':>20}")
     judged = {name: verdicts(reward, pixels, spec) for name, (pixels, _) in sets.items()}
     for name, (pixels, _) in sets.items():
-        said, truth, scores = judged[name]
+        probs, truth, scores = judged[name]
+        said = probs.argmax(-1)
         stats = pixel_stats(pixels)
         agree = (said == truth).mean()
         print(f"{name:<16} {stats['black']:6.3f} {stats['haze']:6.3f} {scores.mean():7.1f} {agree:20.3f}")
 
     asked = sets["ctrl"][1]
-    said, truth, scores = judged["ctrl"]
+    probs, truth, scores = judged["ctrl"]
+    said = probs.argmax(-1)
     print("\nCTRL, per requested class: images the classifier puts in it, and of those the oracle's classes")
     for k in range(num_y):
         hit = (asked == k) & (said == k)
@@ -107,8 +105,8 @@ def main() -> None:
         )
 
     print(f"\nThe reward's ceiling on the held-out real digits (its {args.top} most confident per class)")
-    _, truth, _ = judged["real (held out)"]
-    for k, (most, share) in enumerate(confident_purity(reward, real, truth, args.top)):
+    probs, truth, _ = judged["real (held out)"]
+    for k, (most, share) in enumerate(confident_purity(probs, truth, args.top)):
         print(f"y = {k}: largest p̂(y | x) {most:.2f}, oracle class = y for {share:.2f} of the {args.top}")
 
 
