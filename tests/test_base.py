@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ctrldiff.base import BaseModelError, load_base, train_base
+from ctrldiff.base import BaseModelError, build_embedded, load_base, train_base
 from ctrldiff.sampling import SamplerConfig, sample
 from tests.conftest import MICRO, micro_base
 
@@ -46,3 +46,15 @@ def test_to_moves_denoiser_and_encoder(base):
     base.to("meta")
     assert base.device.type == "meta"
     assert all(p.device.type == "meta" for p in base.encoder.parameters())
+
+
+def test_a_v_prediction_base_trains_and_keeps_its_parameterisation(tmp_path):
+    cfg = MICRO.model_copy(update={"prediction_type": "v_prediction"})
+    base = build_embedded(cfg, num_classes=3, resolution=8, channels=1)
+    losses = train_base(base, torch.rand(16, 1, 8, 8) * 2 - 1, torch.randint(0, 3, (16,)), cfg, seed=0)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    base.save(tmp_path / "base")
+    loaded = load_base(tmp_path / "base")
+    assert loaded.scheduler.config.prediction_type == "v_prediction"
+    c = torch.tensor([0, 1])
+    torch.testing.assert_close(sample(loaded, c, [4, 5], CFG), sample(base, c, [4, 5], CFG))

@@ -2,7 +2,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from ctrldiff.ddim import ddim_step, timestep_pairs
+from ctrldiff.ddim import ddim_step, predicted_eps, timestep_pairs, training_target
 
 
 @pytest.fixture
@@ -33,3 +33,28 @@ def test_x0_prediction_inverts_the_forward_process(scheduler):
     x_t = scheduler.add_noise(x0, eps, torch.tensor([t]))
     _, _, x0_hat = ddim_step(scheduler, x_t, eps, t, 500, 1.0)
     torch.testing.assert_close(x0_hat, x0, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_each_prediction_type_trains_and_steps_like_diffusers(kind):
+    """The training target, read back as a noise prediction, is the noise; the step matches diffusers'."""
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", clip_sample=False, prediction_type=kind
+    )
+    g = torch.Generator().manual_seed(1)
+    x0, noise, z = (torch.randn(2, 1, 4, 4, generator=g) for _ in range(3))
+    for t, t_prev in timestep_pairs(scheduler, 10):
+        x_t = scheduler.add_noise(x0, noise, torch.tensor([t]))
+        target = training_target(scheduler, x0, noise, torch.tensor([t]))
+        eps = predicted_eps(scheduler, target, x_t, t)
+        torch.testing.assert_close(eps, noise, atol=1e-4, rtol=1e-4)
+        mean, sigma, _ = ddim_step(scheduler, x_t, eps, t, t_prev, 1.0)
+        expected = scheduler.step(target, t, x_t, eta=1.0, variance_noise=z).prev_sample
+        torch.testing.assert_close(mean + sigma * z, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_an_unknown_prediction_type_is_named():
+    scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
+    scheduler.register_to_config(prediction_type="flow")
+    with pytest.raises(ValueError, match="flow"):
+        predicted_eps(scheduler, torch.zeros(1), torch.zeros(1), 10)

@@ -43,7 +43,8 @@ def test_timesteps_follow_the_latents_device():
         seen.append(t.device)
         return SimpleNamespace(sample=x)
 
-    model = SimpleNamespace(unet=unet, encoder=_Encoder(null_index=0))
+    scheduler = SimpleNamespace(config=SimpleNamespace(prediction_type="epsilon"))
+    model = SimpleNamespace(unet=unet, encoder=_Encoder(null_index=0), scheduler=scheduler)
     x = torch.zeros(2, 1, 4, 4, device="meta")
     guided_eps(model, x, 5, torch.tensor([1, 2]), 2.0)
     guided_eps(model, x, 5, torch.tensor([1, 2]), 1.0)

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from ctrldiff.ddim import training_target
 from ctrldiff.params import BaseParams
 
 
@@ -150,6 +151,7 @@ def build_embedded(cfg: BaseParams, num_classes: int, resolution: int, channels:
         beta_schedule=cfg.beta_schedule,
         clip_sample=False,
         timestep_spacing="leading",
+        prediction_type=cfg.prediction_type,
     )
     meta = {
         "kind": "embedded",
@@ -161,7 +163,9 @@ def build_embedded(cfg: BaseParams, num_classes: int, resolution: int, channels:
 
 
 def train_base(base: BaseModel, x: torch.Tensor, c: torch.Tensor, cfg: BaseParams, seed: int) -> list[float]:
-    """Denoising (epsilon) training with label dropout to NULL, AdamW, cosine LR and an EMA.
+    """Denoising training with label dropout to NULL, AdamW, cosine LR and an EMA.
+
+    The denoiser learns the scheduler's prediction type (epsilon, v or x0).
 
     x: images in [-1, 1] (N, C, H, W); c: class indices. Returns the loss per step.
     """
@@ -182,7 +186,7 @@ def train_base(base: BaseModel, x: torch.Tensor, c: torch.Tensor, cfg: BaseParam
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(x0),), generator=gen)
         pred = base.unet(noise_sched.add_noise(x0, noise, t), t, base.encoder(cond)).sample
-        loss = F.mse_loss(pred, noise)
+        loss = F.mse_loss(pred, training_target(noise_sched, x0, noise, t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -27,6 +27,43 @@ def alpha_bar(scheduler: DDIMScheduler, t: int) -> torch.Tensor:
     return scheduler.alphas_cumprod[t] if t >= 0 else torch.tensor(1.0)
 
 
+def _unsupported(kind: str) -> ValueError:
+    return ValueError(f"scheduler prediction_type {kind!r} is not supported: epsilon, v_prediction or sample")
+
+
+def predicted_eps(scheduler: DDIMScheduler, output: torch.Tensor, x_t: torch.Tensor, t: int) -> torch.Tensor:
+    """The denoiser's output as a noise prediction, whatever it was trained to predict.
+
+    ``scheduler.config.prediction_type``: epsilon (Stable Diffusion 1.5) is returned as is; v
+    (Salimans & Ho 2022: v = sqrt(a) eps - sqrt(1 - a) x0) and sample (x0) are converted, so the
+    step below, guidance and the KL all work in one parameterisation. The map is affine in the
+    output, so classifier-free guidance may combine outputs before or after it.
+    """
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return output
+    a_t = alpha_bar(scheduler, t).to(x_t)
+    if kind == "v_prediction":
+        return a_t.sqrt() * output + (1 - a_t).sqrt() * x_t
+    if kind == "sample":
+        return (x_t - a_t.sqrt() * output) / (1 - a_t).sqrt()
+    raise _unsupported(kind)
+
+
+def training_target(
+    scheduler: DDIMScheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    """What the denoiser learns to predict from x_t = sqrt(a) x0 + sqrt(1 - a) noise at timesteps t."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    if kind == "sample":
+        return x0
+    raise _unsupported(kind)
+
+
 def ddim_step(
     scheduler: DDIMScheduler, x_t: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int, eta: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -110,6 +110,7 @@ class BaseParams(_Section):
     norm_num_groups: int = Field(8, ge=1)
     num_train_timesteps: int = Field(1000, ge=10)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"  # what the denoiser learns
     train_steps: int = Field(800, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)

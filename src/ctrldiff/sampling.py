@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from ctrldiff.base import BaseModel
-from ctrldiff.ddim import ddim_step, timestep_pairs
+from ctrldiff.ddim import ddim_step, predicted_eps, timestep_pairs
 
 
 @dataclass(frozen=True)
@@ -44,12 +44,14 @@ def guided_eps(
 ) -> torch.Tensor:
     """Noise prediction with classifier-free guidance: eps_u + scale (eps_cond - eps_u).
 
-    The unconditional branch is NULL c (and NULL y when the model has a y-embedding).
+    The unconditional branch is NULL c (and NULL y when the model has a y-embedding). A denoiser
+    trained on v or x0 has its guided output converted to a noise prediction.
     """
     null_c = torch.full_like(c, model.encoder.null_index)
     tt = torch.full((len(x),), t, dtype=torch.long, device=x.device)
     if scale == 1.0:
-        return model.unet(x, tt, model.encoder(c), class_labels=y).sample
+        out = model.unet(x, tt, model.encoder(c), class_labels=y).sample
+        return predicted_eps(model.scheduler, out, x, t)
     if y is None:
         labels = None
     elif y.is_floating_point():  # convex weights over the classes: all-zero weights are NULL
@@ -60,7 +62,7 @@ def guided_eps(
         torch.cat([x, x]), torch.cat([tt, tt]), model.encoder(torch.cat([c, null_c])), class_labels=labels
     ).sample
     eps_c, eps_u = eps.chunk(2)
-    return eps_u + scale * (eps_c - eps_u)
+    return predicted_eps(model.scheduler, eps_u + scale * (eps_c - eps_u), x, t)
 
 
 def ddim_cfg_step(

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ctrldiff.base import BaseModel
 from ctrldiff.control import ControlledModel
-from ctrldiff.ddim import ddim_step
+from ctrldiff.ddim import ddim_step, predicted_eps, training_target
 from ctrldiff.sampling import SamplerConfig
 
 
@@ -52,8 +52,8 @@ def train_cfg(
         yb = torch.where(torch.rand(batch_size, generator=g) < dropout, model.y_null, y[idx])
         cb = torch.where(torch.rand(batch_size, generator=g) < dropout, base.encoder.null_index, c[idx])
         x_t = base.scheduler.add_noise(x[idx], noise, t)
-        eps = base.unet(x_t, t, base.encoder(cb), class_labels=yb).sample
-        loss = F.mse_loss(eps, noise)
+        pred = base.unet(x_t, t, base.encoder(cb), class_labels=yb).sample
+        loss = F.mse_loss(pred, training_target(base.scheduler, x[idx], noise, t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -87,6 +87,7 @@ class CFGOnY:
             model.encoder(torch.cat([null_c, c, c])),
             class_labels=torch.cat([null_y, null_y, y]),
         ).sample.chunk(3)
-        eps = eps_u + cfg.guidance_scale * (eps_c - eps_u) + self.scale * (eps_cy - eps_c)
+        out = eps_u + cfg.guidance_scale * (eps_c - eps_u) + self.scale * (eps_cy - eps_c)
+        eps = predicted_eps(model.scheduler, out, x, t)
         mean, sigma, _ = ddim_step(model.scheduler, x, eps, t, t_prev, cfg.eta)
         return mean + sigma * z
