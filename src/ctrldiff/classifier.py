@@ -20,7 +20,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ctrldiff.data import table_images
-from ctrldiff.oracles import to_model_space
+from ctrldiff.labels import bin_scores
+from ctrldiff.oracles import oracle_scores, to_model_space, to_uint8
 from ctrldiff.params import ClassifierParams
 
 
@@ -216,6 +217,30 @@ def task_tensors(
     return x, y.long(), torch.tensor(part["c"].to_numpy()).long()
 
 
+def with_noisy_copies(
+    x: torch.Tensor, y: torch.Tensor, spec: dict, copies: int, max_level: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images followed by ``copies`` noisy versions of each, labelled by the task's oracle.
+
+    Each copy adds Gaussian noise whose standard deviation is drawn uniformly in [0, max_level]
+    8-bit levels, then is rounded and clipped as a stored image is. Sampled images carry such faint
+    noise (real digits have a black background) and JPEG pays for it, so a reward classifier that
+    never saw noise misjudges them; the copies' labels are recomputed, not inherited.
+    """
+    if copies == 0:
+        return x, y
+    rng = np.random.default_rng(seed)
+    pixels = to_uint8(x).astype(np.float64)
+    noisy = []
+    for _ in range(copies):
+        sd = rng.uniform(0.0, max_level, size=(len(pixels),) + (1,) * (pixels.ndim - 1))
+        noise = sd * rng.standard_normal(pixels.shape)
+        noisy.append(np.clip(np.round(pixels + noise), 0, 255).astype(np.uint8))
+    noisy = np.concatenate(noisy)
+    labels = bin_scores(oracle_scores(noisy, spec), spec["thresholds"])
+    return torch.cat([x, to_model_space(noisy)]), torch.cat([y, torch.from_numpy(labels).long()])
+
+
 def labelled_subset(table: pd.DataFrame, meta: dict, task: str, n: int, seed: int) -> pd.DataFrame:
     """n rows drawn at random among those labelled for ``task``; each keeps its train/val split."""
     labelled = table[table[meta["tasks"][task]["column"]] >= 0]
@@ -242,6 +267,10 @@ def fit_task(
         raise ClassifierError(f"task {task!r} has {len(classes)} class(es); a classifier needs at least 2")
     x_train, y_train, _ = task_tensors(table, meta, task, "train")
     x_val, y_val, _ = task_tensors(table, meta, task, "val")
+    n_real_val = len(x_val)
+    copies = cfg.noise_copies if "score" in spec else 0  # only a task with an oracle can label copies
+    x_train, y_train = with_noisy_copies(x_train, y_train, spec, copies, cfg.noise_max, seed)
+    x_val, y_val = with_noisy_copies(x_val, y_val, spec, copies, cfg.noise_max, seed + 1)
     net = train_network(x_train, y_train, len(classes), cfg, seed, desc=f"train {task}")
 
     val_logits = predict_logits(net, x_val)
@@ -265,8 +294,10 @@ def fit_task(
         "task": task,
         "n_train": len(x_train),
         "n_val": len(x_val),
+        "noise_copies": copies,
         "train_accuracy": train_acc,
         "val_accuracy": report["accuracy"],
+        "val_accuracy_real": float((pred[:n_real_val] == y_val[:n_real_val]).float().mean()),
         "temperature": temperature,
         "val_nll_before": report["nll_before"],
         "val_nll_after": report["nll_after"],
