@@ -217,28 +217,31 @@ def task_tensors(
     return x, y.long(), torch.tensor(part["c"].to_numpy()).long()
 
 
-def with_noisy_copies(
-    x: torch.Tensor, y: torch.Tensor, spec: dict, copies: int, max_level: float, seed: int
+def with_labelled_copies(
+    x: torch.Tensor, y: torch.Tensor, spec: dict, cfg: ClassifierParams, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The images followed by ``copies`` noisy versions of each, labelled by the task's oracle.
+    """The images followed by ``cfg.copies`` shifted, noisy versions of each, labelled by the task's oracle.
 
-    Each copy adds Gaussian noise whose standard deviation is drawn uniformly in [0, max_level]
-    8-bit levels, then is rounded and clipped as a stored image is. Sampled images carry such faint
-    noise (real digits have a black background) and JPEG pays for it, so a reward classifier that
-    never saw noise misjudges them; the copies' labels are recomputed, not inherited.
+    Each copy is rolled by up to ``copy_shift`` pixels along each axis (JPEG sizes depend on where
+    the 8x8 blocks fall) and gets Gaussian noise whose standard deviation is drawn uniformly in
+    [0, copy_noise] 8-bit levels (sampled images carry faint noise, real digits a black
+    background), then is rounded and clipped as a stored image is. The copies' labels are
+    recomputed by the oracle, never inherited: noise and shifts change the JPEG size.
     """
-    if copies == 0:
+    if cfg.copies == 0:
         return x, y
     rng = np.random.default_rng(seed)
-    pixels = to_uint8(x).astype(np.float64)
-    noisy = []
-    for _ in range(copies):
-        sd = rng.uniform(0.0, max_level, size=(len(pixels),) + (1,) * (pixels.ndim - 1))
-        noise = sd * rng.standard_normal(pixels.shape)
-        noisy.append(np.clip(np.round(pixels + noise), 0, 255).astype(np.uint8))
-    noisy = np.concatenate(noisy)
-    labels = bin_scores(oracle_scores(noisy, spec), spec["thresholds"])
-    return torch.cat([x, to_model_space(noisy)]), torch.cat([y, torch.from_numpy(labels).long()])
+    pixels = to_uint8(x)
+    copies = []
+    for _ in range(cfg.copies):
+        shifts = rng.integers(-cfg.copy_shift, cfg.copy_shift + 1, size=(len(pixels), 2))
+        moved = np.stack([np.roll(p, tuple(s), axis=(0, 1)) for p, s in zip(pixels, shifts, strict=True)])
+        sd = rng.uniform(0.0, cfg.copy_noise, size=(len(pixels),) + (1,) * (pixels.ndim - 1))
+        noisy = moved + sd * rng.standard_normal(pixels.shape)
+        copies.append(np.clip(np.round(noisy), 0, 255).astype(np.uint8))
+    copies = np.concatenate(copies)
+    labels = bin_scores(oracle_scores(copies, spec), spec["thresholds"])
+    return torch.cat([x, to_model_space(copies)]), torch.cat([y, torch.from_numpy(labels).long()])
 
 
 def labelled_subset(table: pd.DataFrame, meta: dict, task: str, n: int, seed: int) -> pd.DataFrame:
@@ -268,9 +271,9 @@ def fit_task(
     x_train, y_train, _ = task_tensors(table, meta, task, "train")
     x_val, y_val, _ = task_tensors(table, meta, task, "val")
     n_real_val = len(x_val)
-    copies = cfg.noise_copies if "score" in spec else 0  # only a task with an oracle can label copies
-    x_train, y_train = with_noisy_copies(x_train, y_train, spec, copies, cfg.noise_max, seed)
-    x_val, y_val = with_noisy_copies(x_val, y_val, spec, copies, cfg.noise_max, seed + 1)
+    if "score" in spec:  # only a task with an oracle can label copies
+        x_train, y_train = with_labelled_copies(x_train, y_train, spec, cfg, seed)
+        x_val, y_val = with_labelled_copies(x_val, y_val, spec, cfg, seed + 1)
     net = train_network(x_train, y_train, len(classes), cfg, seed, desc=f"train {task}")
 
     val_logits = predict_logits(net, x_val)
@@ -294,7 +297,7 @@ def fit_task(
         "task": task,
         "n_train": len(x_train),
         "n_val": len(x_val),
-        "noise_copies": copies,
+        "copies": cfg.copies if "score" in spec else 0,
         "train_accuracy": train_acc,
         "val_accuracy": report["accuracy"],
         "val_accuracy_real": float((pred[:n_real_val] == y_val[:n_real_val]).float().mean()),
