@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -13,7 +14,11 @@ from ctrldiff.classifier import (
     fit_temperature,
     labelled_subset,
     reliability,
+    with_labelled_copies,
 )
+from ctrldiff.labels import bin_scores
+from ctrldiff.oracles import oracle_scores, to_model_space, to_uint8
+from ctrldiff.params import ClassifierParams
 
 
 def overconfident_logits(n=2000, k=4, seed=0):
@@ -92,3 +97,33 @@ def test_labelled_subset_draws_n_labelled_rows_and_names_the_task_when_too_many(
     assert labelled_subset(table, meta, "a", 4, seed=0).equals(part)
     with pytest.raises(ClassifierError, match="6 labelled images of task 'a'; the data has 5"):
         labelled_subset(table, meta, "a", 6, seed=0)
+
+
+def test_copies_are_shifted_noisy_and_labelled_by_the_oracle_not_inherited():
+    pixels = np.zeros((6, 28, 28), dtype=np.uint8)
+    pixels[:, 8:20, 12:16] = 255  # a clean bar on black: small as a JPEG
+    spec = {"score": "jpeg_bytes", "jpeg_quality": 95}
+    clean = oracle_scores(pixels, spec)[0]
+    spec["thresholds"] = [clean + 200.0, clean + 100.0, clean + 1.0]  # clean is the most compressible class
+    x, y = to_model_space(pixels), torch.full((6,), 3)
+    cfg = ClassifierParams(copies=2, copy_shift=2, copy_noise=16.0)
+
+    x2, y2 = with_labelled_copies(x, y, spec, cfg, seed=0)
+    assert x2.shape == (18, 1, 28, 28) and torch.equal(x2[:6], x) and torch.equal(y2[:6], y)
+    copies = to_uint8(x2[6:])
+    assert (copies != pixels[0]).any(axis=(1, 2)).all()  # every copy is noisy
+    assert np.array_equal(y2[6:].numpy(), bin_scores(oracle_scores(copies, spec), spec["thresholds"]))
+    assert (y2[6:] < 3).any()  # noise costs JPEG bytes: some copies leave the clean images' class
+    x3, y3 = with_labelled_copies(x, y, spec, cfg, seed=0)
+    assert torch.equal(x3, x2) and torch.equal(y3, y2)  # seeded
+
+    shifted = to_uint8(with_labelled_copies(x, y, spec, cfg.model_copy(update={"copy_noise": 0.0}), 1)[0][6:])
+    assert all(
+        any(
+            np.array_equal(c, np.roll(pixels[0], (dy, dx), (0, 1)))
+            for dy in range(-2, 3)
+            for dx in range(-2, 3)
+        )
+        for c in shifted
+    )  # without noise a copy is the image rolled by at most 2 pixels
+    assert with_labelled_copies(x, y, spec, cfg.model_copy(update={"copies": 0}), seed=0)[0] is x

@@ -73,6 +73,12 @@ def test_smoke_pipeline_writes_parquet_classifier_and_metrics(smoke_run):
     assert len(label_metrics["compressibility"]["thresholds_bytes"]) == 3
 
     clf_metrics = json.loads((smoke_run / "metrics/classifier/compressibility.json").read_text())
+    digit_metrics = json.loads((smoke_run / "metrics/classifier/digit.json").read_text())
+    # one labelled copy per image for the task with an oracle; none for the digit, which has none
+    assert clf_metrics["copies"] == 1 and digit_metrics["copies"] == 0
+    assert clf_metrics["n_train"] == 2 * digit_metrics["n_train"]
+    assert clf_metrics["n_val"] == 2 * digit_metrics["n_val"]
+    assert 0.0 <= clf_metrics["val_accuracy_real"] <= 1.0
     for key in ("val_accuracy", "val_nll_before", "val_nll_after", "val_ece_before", "val_ece_after"):
         assert 0.0 <= clf_metrics[key] < 10.0
     assert (smoke_run / "metrics/classifier/compressibility_reliability.png").stat().st_size > 1000

@@ -20,7 +20,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ctrldiff.data import table_images
-from ctrldiff.oracles import to_model_space
+from ctrldiff.labels import bin_scores
+from ctrldiff.oracles import oracle_scores, to_model_space, to_uint8
 from ctrldiff.params import ClassifierParams
 
 
@@ -216,6 +217,33 @@ def task_tensors(
     return x, y.long(), torch.tensor(part["c"].to_numpy()).long()
 
 
+def with_labelled_copies(
+    x: torch.Tensor, y: torch.Tensor, spec: dict, cfg: ClassifierParams, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images followed by ``cfg.copies`` shifted, noisy versions of each, labelled by the task's oracle.
+
+    Each copy is rolled by up to ``copy_shift`` pixels along each axis (JPEG sizes depend on where
+    the 8x8 blocks fall) and gets Gaussian noise whose standard deviation is drawn uniformly in
+    [0, copy_noise] 8-bit levels (sampled images carry faint noise, real digits a black
+    background), then is rounded and clipped as a stored image is. The copies' labels are
+    recomputed by the oracle, never inherited: noise and shifts change the JPEG size.
+    """
+    if cfg.copies == 0:
+        return x, y
+    rng = np.random.default_rng(seed)
+    pixels = to_uint8(x)
+    copies = []
+    for _ in range(cfg.copies):
+        shifts = rng.integers(-cfg.copy_shift, cfg.copy_shift + 1, size=(len(pixels), 2))
+        moved = np.stack([np.roll(p, tuple(s), axis=(0, 1)) for p, s in zip(pixels, shifts, strict=True)])
+        sd = rng.uniform(0.0, cfg.copy_noise, size=(len(pixels),) + (1,) * (pixels.ndim - 1))
+        noisy = moved + sd * rng.standard_normal(pixels.shape)
+        copies.append(np.clip(np.round(noisy), 0, 255).astype(np.uint8))
+    copies = np.concatenate(copies)
+    labels = bin_scores(oracle_scores(copies, spec), spec["thresholds"])
+    return torch.cat([x, to_model_space(copies)]), torch.cat([y, torch.from_numpy(labels).long()])
+
+
 def labelled_subset(table: pd.DataFrame, meta: dict, task: str, n: int, seed: int) -> pd.DataFrame:
     """n rows drawn at random among those labelled for ``task``; each keeps its train/val split."""
     labelled = table[table[meta["tasks"][task]["column"]] >= 0]
@@ -242,6 +270,10 @@ def fit_task(
         raise ClassifierError(f"task {task!r} has {len(classes)} class(es); a classifier needs at least 2")
     x_train, y_train, _ = task_tensors(table, meta, task, "train")
     x_val, y_val, _ = task_tensors(table, meta, task, "val")
+    n_real_val = len(x_val)
+    if "score" in spec:  # only a task with an oracle can label copies
+        x_train, y_train = with_labelled_copies(x_train, y_train, spec, cfg, seed)
+        x_val, y_val = with_labelled_copies(x_val, y_val, spec, cfg, seed + 1)
     net = train_network(x_train, y_train, len(classes), cfg, seed, desc=f"train {task}")
 
     val_logits = predict_logits(net, x_val)
@@ -265,8 +297,10 @@ def fit_task(
         "task": task,
         "n_train": len(x_train),
         "n_val": len(x_val),
+        "copies": cfg.copies if "score" in spec else 0,
         "train_accuracy": train_acc,
         "val_accuracy": report["accuracy"],
+        "val_accuracy_real": float((pred[:n_real_val] == y_val[:n_real_val]).float().mean()),
         "temperature": temperature,
         "val_nll_before": report["nll_before"],
         "val_nll_after": report["nll_after"],

@@ -94,6 +94,11 @@ class ClassifierParams(_Section):
     weight_decay: float = Field(1e-4, ge=0)
     width: int = Field(32, ge=4)
     ece_bins: int = Field(15, ge=2)
+    # Shifted, noisy copies of each labelled image, labelled by the task's own oracle (tasks without
+    # one, like the digit, get none): more pairs, and the faint noise generated images carry.
+    copies: int = Field(0, ge=0)
+    copy_shift: int = Field(2, ge=0)  # each copy rolled by up to this many pixels along each axis
+    copy_noise: float = Field(16.0, ge=0, le=255)  # copy noise sd drawn uniformly in [0, this] 8-bit levels
 
 
 class BaseParams(_Section):
