@@ -1,7 +1,8 @@
 """Stage `efficiency`: CTRL against classifier-free guidance when only n images carry the label y.
 
 CTRL trains and calibrates its reward classifier on the n labelled pairs (their own train/val
-split; as many gradient steps as the full-data classifier), then runs the `finetune` recipe
+split, plus `classifier.copies` oracle-labelled copies of each as for the full-data classifier; as
+many gradient steps as the full-data classifier), then runs the `finetune` recipe
 unchanged. CFG is trained on all n (c, x, y) triples with the `train_cfg` recipe and sampled at the
 scale `tune` chose. Both are sampled on the evaluation's requests and seeds and scored by the oracles.
 """
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     finetune(ctrl, reward, params.gamma, ft, sampler, meta, params.seed, checkpoint)
     ctrl_result = evaluate("ctrl", ctrl.base, ddim_cfg_step, ctrl.y_null, None)
     ctrl_result |= {
-        "classifier_val_accuracy": clf_metrics["val_accuracy"],
+        "classifier_val_accuracy": clf_metrics["val_accuracy_real"],  # on the held-out real pairs
+        "classifier_copies": clf_metrics["copies"],  # oracle-labelled copies per labelled image
         "classifier_pairs": {"train": clf_metrics["n_train"], "val": clf_metrics["n_val"]},
         "minutes": round((time.perf_counter() - start) / 60, 2),
     }

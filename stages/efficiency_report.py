@@ -19,7 +19,12 @@ def main() -> None:
     for run in runs:
         ctrl, cfg = run["ctrl"], run["cfg"]
         notes = {
-            "ctrl": f"classifier val accuracy {ctrl['classifier_val_accuracy']:.3f}",
+            "ctrl": f"classifier val accuracy {ctrl['classifier_val_accuracy']:.3f}"
+            + (
+                f", {ctrl['classifier_copies']} oracle-labelled copies per image"
+                if ctrl.get("classifier_copies")
+                else ""
+            ),
             "cfg": f"w_y {cfg['scale']:g}, {cfg['triples']} triples",
         }
         for name, m in (("CTRL", ctrl), ("CFG", cfg)):

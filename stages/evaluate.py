@@ -53,9 +53,13 @@ def main(argv: list[str] | None = None) -> None:
         f"{name} accuracy {t['accuracy']:.3f}, macro-F1 {t['macro_f1']:.3f}"
         for name, t in metrics["tasks"].items()
     )
-    fidelity = "fidelity not measured" if fid is None else (
-        f"c_accuracy {fid['c_accuracy']:.3f}, Fréchet {fid['frechet']:.2f} "
-        f"(held-out real {fid['frechet_real_heldout']:.2f})"
+    fidelity = (
+        "fidelity not measured"
+        if fid is None
+        else (
+            f"c_accuracy {fid['c_accuracy']:.3f}, Fréchet {fid['frechet']:.2f} "
+            f"(held-out real {fid['frechet_real_heldout']:.2f})"
+        )
     )
     print(f"{method}: {tasks}; {fidelity}")
 
