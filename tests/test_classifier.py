@@ -13,6 +13,7 @@ from ctrldiff.classifier import (
     calibration_report,
     fit_temperature,
     labelled_subset,
+    real_prior_weights,
     reliability,
     with_labelled_copies,
 )
@@ -97,6 +98,25 @@ def test_labelled_subset_draws_n_labelled_rows_and_names_the_task_when_too_many(
     assert labelled_subset(table, meta, "a", 4, seed=0).equals(part)
     with pytest.raises(ClassifierError, match="6 labelled images of task 'a'; the data has 5"):
         labelled_subset(table, meta, "a", 6, seed=0)
+
+
+def test_prior_weights_give_the_copies_the_real_images_class_shares():
+    y = torch.tensor([0, 1, 2, 3, 3, 0, 0, 0, 1, 3])  # 5 real images (shares 1/5, 1/5, 1/5, 2/5), 5 copies
+    w = real_prior_weights(y, 5, 4)
+    weighted = torch.bincount(y, weights=w[y], minlength=4)
+    torch.testing.assert_close(weighted / weighted.sum(), torch.tensor([0.2, 0.2, 0.2, 0.4]))
+    assert w[0] < 1 < w[2]  # the class the copies crowd weighs less, the one they miss more
+    # a class absent from every image gets weight 0, not a division by zero
+    assert real_prior_weights(torch.tensor([0, 1, 0]), 2, 3)[2] == 0
+
+
+def test_weighted_temperature_fit_follows_the_weighted_nll():
+    # class 1's examples are confidently wrong: weighing them up must soften the fitted temperature
+    logits = torch.tensor([[4.0, 0.0]] * 8 + [[2.0, 0.0]] * 2)
+    labels = torch.tensor([0] * 8 + [1] * 2)
+    plain = fit_temperature(logits, labels)
+    weighted = fit_temperature(logits, labels, torch.tensor([1.0, 4.0]))
+    assert weighted > plain
 
 
 def test_copies_are_shifted_noisy_and_labelled_by_the_oracle_not_inherited():

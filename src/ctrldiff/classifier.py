@@ -127,8 +127,10 @@ def train_network(
     cfg: ClassifierParams,
     seed: int,
     desc: str = "classifier",
+    class_weights: torch.Tensor | None = None,
 ) -> SmallCNN:
-    """Train a SmallCNN with AdamW and a cosine schedule on images in [-1, 1]."""
+    """Train a SmallCNN with AdamW and a one-cycle schedule on images in [-1, 1]; ``class_weights``
+    weigh each class's examples in the cross-entropy (see ``real_prior_weights``)."""
     torch.manual_seed(seed)
     net = SmallCNN(x_train.shape[1], num_classes, cfg.width)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -142,7 +144,7 @@ def train_network(
         total = 0.0
         for i in range(0, len(x_train), cfg.batch_size):
             idx = order[i : i + cfg.batch_size]
-            loss = F.cross_entropy(net(x_train[idx]), y_train[idx])
+            loss = F.cross_entropy(net(x_train[idx]), y_train[idx], weight=class_weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -157,14 +159,17 @@ def predict_logits(net: nn.Module, x: torch.Tensor, batch_size: int = 512) -> to
     return torch.cat([net(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The scalar T minimising the NLL of softmax(logits / T) on held-out data (LBFGS on log T)."""
+def fit_temperature(
+    logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None = None
+) -> float:
+    """The scalar T minimising the (class-weighted) NLL of softmax(logits / T) on held-out data
+    (LBFGS on log T)."""
     log_t = torch.zeros(1, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss = F.cross_entropy(logits / log_t.exp(), labels, weight=class_weights)
         loss.backward()
         return loss
 
@@ -244,6 +249,19 @@ def with_labelled_copies(
     return torch.cat([x, to_model_space(copies)]), torch.cat([y, torch.from_numpy(labels).long()])
 
 
+def real_prior_weights(y: torch.Tensor, n_real: int, num_classes: int) -> torch.Tensor:
+    """Per-class weights that give labels ``y`` (the first ``n_real`` real, the rest copies) the
+    class shares of the real images alone: share among the real / share among all.
+
+    Noise makes most copies least compressible (about 3 in 4 land in class 0), which skews the
+    prior the classifier learns (and so CTRL's reward) and stalls training on the majority class;
+    weighted, the copies teach what noise does to a class without changing how common it is.
+    """
+    real = torch.bincount(y[:n_real], minlength=num_classes).float() / n_real
+    every = torch.bincount(y, minlength=num_classes).float() / len(y)
+    return torch.where(every > 0, real / every.clamp(min=1e-12), torch.zeros_like(real))
+
+
 def labelled_subset(table: pd.DataFrame, meta: dict, task: str, n: int, seed: int) -> pd.DataFrame:
     """n rows drawn at random among those labelled for ``task``; each keeps its train/val split."""
     labelled = table[table[meta["tasks"][task]["column"]] >= 0]
@@ -270,14 +288,17 @@ def fit_task(
         raise ClassifierError(f"task {task!r} has {len(classes)} class(es); a classifier needs at least 2")
     x_train, y_train, _ = task_tensors(table, meta, task, "train")
     x_val, y_val, _ = task_tensors(table, meta, task, "val")
-    n_real_val = len(x_val)
-    if "score" in spec:  # only a task with an oracle can label copies
+    n_real_train, n_real_val = len(x_train), len(x_val)
+    train_weights = val_weights = None
+    if "score" in spec and cfg.copies:  # only a task with an oracle can label copies
         x_train, y_train = with_labelled_copies(x_train, y_train, spec, cfg, seed)
         x_val, y_val = with_labelled_copies(x_val, y_val, spec, cfg, seed + 1)
-    net = train_network(x_train, y_train, len(classes), cfg, seed, desc=f"train {task}")
+        train_weights = real_prior_weights(y_train, n_real_train, len(classes))
+        val_weights = real_prior_weights(y_val, n_real_val, len(classes))
+    net = train_network(x_train, y_train, len(classes), cfg, seed, f"train {task}", train_weights)
 
     val_logits = predict_logits(net, x_val)
-    temperature = fit_temperature(val_logits, y_val)
+    temperature = fit_temperature(val_logits, y_val, val_weights)
     report = calibration_report(val_logits, y_val, temperature, cfg.ece_bins)
     train_acc = float((predict_logits(net, x_train).argmax(-1) == y_train).float().mean())
     pred = val_logits.argmax(-1)
