@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from ctrldiff.continuous import interpolation_weights, parity_metrics, spread_targets
+from ctrldiff.continuous import (
+    calibrated_positions,
+    calibration_grid,
+    interpolation_weights,
+    parity_metrics,
+    path_weights,
+    spread_targets,
+)
 from ctrldiff.control import YEmbedding
 from ctrldiff.sampling import SamplerConfig, sample
 
@@ -28,6 +35,30 @@ def test_interpolation_is_convex_linear_between_neighbours_and_clamped_outside()
 def test_interpolation_refuses_classes_with_equal_means():
     with pytest.raises(ValueError, match="not distinct"):
         interpolation_weights(np.array([1.0]), [5.0, 5.0])
+
+
+def test_path_positions_run_through_the_classes_in_order_of_their_means():
+    # sorted by mean the path is class 3 (700), 2 (760), 1 (820), 0 (900)
+    w = path_weights(np.array([0.0, 1.5, 3.0, 7.0]), MEANS)
+    assert w[0] == pytest.approx([0, 0, 0, 1]) and w[3] == pytest.approx([1, 0, 0, 0])
+    assert w[1] == pytest.approx([0, 0.5, 0.5, 0])
+    assert calibration_grid(4, 2).tolist() == [0, 0.5, 1, 1.5, 2, 2.5, 3]
+
+
+def test_calibrated_positions_invert_the_measured_curve():
+    grid = calibration_grid(4, 2)
+    scores = 700 + 10 * grid**2  # a curve that rises faster than the class-mean rule assumes
+    u = calibrated_positions(np.array([710.0, 716.25, 790.0, 600.0, 900.0]), grid, scores)
+    # exact at grid points, linear between them (716.25 is halfway from 710 at 1.0 to 722.5 at 1.5)
+    assert u == pytest.approx([1.0, 1.25, 3.0, 0.0, 3.0])
+
+
+def test_calibrated_positions_follow_a_monotone_fit_of_a_noisy_curve():
+    grid = calibration_grid(3, 2)  # 0, 0.5, 1, 1.5, 2
+    scores = np.array([500.0, 560.0, 540.0, 600.0, 700.0])  # 560 then 540: noise, not a real dip
+    u = calibrated_positions(np.array([550.0, 650.0]), grid, scores)
+    # the isotonic fit pools 560 and 540 into 550 at u = 0.5 and 1.0; the inverse takes the first
+    assert u == pytest.approx([0.5, 1.75])
 
 
 def test_spread_targets_cover_the_achieved_range():

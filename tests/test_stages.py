@@ -201,3 +201,7 @@ def test_smoke_continuous_reports_parity_metrics_and_plot(smoke_run):
     assert m["targets_bytes"][0] == pytest.approx(min(m["class_means_bytes"]))
     assert m["per_image"]["mae"] >= 0 and m["per_image"]["rmse"] >= m["per_image"]["mae"]
     assert (smoke_run / "metrics/continuous_parity.png").stat().st_size > 1000
+    # the calibrated rule measured the classes' own rows (one position per class) on 10 digits each
+    cal = m["calibration"]
+    assert cal["positions"] == [0.0, 1.0, 2.0, 3.0] and cal["n_images"] == 4 * 10
+    assert len(m["positions"]) == 3 and all(0 <= u <= 3 for u in m["positions"])

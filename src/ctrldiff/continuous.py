@@ -1,36 +1,70 @@
 """Continuous y without retraining: a convex combination of CTRL's learned class embeddings.
 
-Rule: each class k has an achieved oracle mean m_k, measured on CTRL's own samples of class k. A
-target s lying between the two neighbouring means m_a and m_b (sorted along the score axis) gets
-weight (s - m_b) / (m_a - m_b) on class a and the rest on class b: piecewise-linear interpolation
-of the embedding along the path the classes trace. Targets beyond the achieved range clamp to the
-end class (no extrapolation: the weights stay convex). At s = m_k the weights are one-hot, so the
-embedding is exactly class k's row.
+The classes, sorted by their achieved oracle means, trace a path through embedding space: position
+u = j + λ on it puts weight 1 - λ on the j-th class and λ on the (j+1)-th. At an integer u the
+weights are one-hot, so the embedding is exactly that class's row. Two rules pick u for a target s:
+
+- ``class_means``: u is s's position between the neighbouring classes' means (piecewise-linear).
+  This assumes the achieved score moves linearly along each segment, which it need not.
+- ``calibrated``: sample a grid of positions once (seeds disjoint from the evaluation's), fit an
+  increasing curve u -> mean oracle score (isotonic regression) and invert it. This corrects the
+  segments' non-linearity with a few hundred extra images and no retraining.
+
+Targets beyond the range clamp to the path's ends (no extrapolation: the weights stay convex).
 """
 
 from __future__ import annotations
 
 import numpy as np
+from sklearn.isotonic import IsotonicRegression
 from sklearn.metrics import r2_score
 
 
-def interpolation_weights(targets: np.ndarray, class_means: list[float]) -> np.ndarray:
-    """(N, K) convex weights over the K classes for each target score."""
+def _sorted_means(class_means: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """The classes' order along the path (ascending achieved mean) and their sorted means."""
     means = np.asarray(class_means, dtype=float)
     if len(np.unique(means)) != len(means):
         raise ValueError(f"class means {means.tolist()} are not distinct: no path to interpolate along")
     order = np.argsort(means)
-    sorted_means = means[order]
-    targets = np.clip(np.asarray(targets, dtype=float), sorted_means[0], sorted_means[-1])
-    # the segment [sorted_means[j], sorted_means[j + 1]] that holds each target
-    j = np.clip(np.searchsorted(sorted_means, targets, side="right") - 1, 0, len(means) - 2)
-    lo, hi = sorted_means[j], sorted_means[j + 1]
-    upper = (targets - lo) / (hi - lo)  # weight on the segment's upper end
-    weights = np.zeros((len(targets), len(means)))
-    rows = np.arange(len(targets))
+    return order, means[order]
+
+
+def path_weights(u: np.ndarray, class_means: list[float]) -> np.ndarray:
+    """(N, K) convex weights for positions u in [0, K - 1] along the classes sorted by achieved mean."""
+    order, _ = _sorted_means(class_means)
+    u = np.clip(np.asarray(u, dtype=float), 0, len(order) - 1)
+    j = np.minimum(np.floor(u).astype(int), len(order) - 2)  # the segment [j, j + 1] holding u
+    upper = u - j  # weight on the segment's upper end
+    weights = np.zeros((len(u), len(order)))
+    rows = np.arange(len(u))
     weights[rows, order[j]] = 1.0 - upper
     weights[rows, order[j + 1]] += upper
     return weights
+
+
+def class_mean_positions(targets: np.ndarray, class_means: list[float]) -> np.ndarray:
+    """Positions of the ``class_means`` rule: each target's place between the neighbouring means."""
+    _, sorted_means = _sorted_means(class_means)
+    return np.interp(np.asarray(targets, dtype=float), sorted_means, np.arange(len(sorted_means)))
+
+
+def interpolation_weights(targets: np.ndarray, class_means: list[float]) -> np.ndarray:
+    """(N, K) weights of the ``class_means`` rule."""
+    return path_weights(class_mean_positions(targets, class_means), class_means)
+
+
+def calibration_grid(num_classes: int, points_per_segment: int) -> np.ndarray:
+    """Positions along the path at which the ``calibrated`` rule measures the achieved score."""
+    return np.linspace(0, num_classes - 1, (num_classes - 1) * points_per_segment + 1)
+
+
+def calibrated_positions(targets: np.ndarray, grid: np.ndarray, grid_scores: np.ndarray) -> np.ndarray:
+    """Positions u whose fitted score equals each target: the inverse of the increasing isotonic fit of
+    the measured (u, mean score) pairs, linear between grid points, clamped to the grid's ends."""
+    fitted = IsotonicRegression(increasing=True).fit_transform(grid, grid_scores)
+    # flat stretches of the fit have no unique inverse: keep only the first u of each fitted value
+    first = np.concatenate([[True], np.diff(fitted) > 0])
+    return np.interp(np.asarray(targets, dtype=float), fitted[first], np.asarray(grid)[first])
 
 
 def spread_targets(class_means: list[float], n: int) -> np.ndarray:

@@ -238,6 +238,10 @@ class ContinuousParams(_Section):
     num_targets: int = Field(16, ge=2)  # targets spread evenly over the classes' achieved range
     per_digit: int = Field(1, ge=1)  # images per (target, digit c)
     seed: int = 90_000  # request i uses seed + i, disjoint from the evaluation's and the tuning's
+    rule: Literal["class_means", "calibrated"] = "calibrated"  # see ctrldiff.continuous
+    calibration_points: int = Field(4, ge=1)  # calibrated: positions measured per segment between classes
+    calibration_per_digit: int = Field(2, ge=1)  # calibrated: images per (position, digit c)
+    calibration_seed: int = 95_000  # calibrated: image i uses calibration_seed + i, disjoint from `seed`'s
 
 
 class Params(_Section):
