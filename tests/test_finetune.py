@@ -40,15 +40,26 @@ def test_updates_move_the_parameters_keep_null_zero_and_log(tmp_path):
     assert result["history"][1]["reward_queries"] == 4
 
 
-def test_resume_continues_from_the_saved_update_and_matches_an_uninterrupted_run(tmp_path):
-    full, _ = run(3, tmp_path / "full")
-    _, killed = run(2, tmp_path / "ckpt")  # "killed" after update 2
+@pytest.mark.parametrize("warmup", [0, 4])  # with a warm-up, its state is restored too
+def test_resume_continues_from_the_saved_update_and_matches_an_uninterrupted_run(tmp_path, warmup):
+    full, _ = run(3, tmp_path / "full", warmup_updates=warmup)
+    _, killed = run(2, tmp_path / "ckpt", warmup_updates=warmup)  # "killed" after update 2
     assert read_json(tmp_path / "ckpt/state.json")["update"] == 2
-    resumed, result = run(3, tmp_path / "ckpt")
+    resumed, result = run(3, tmp_path / "ckpt", warmup_updates=warmup)
     assert result["start_update"] == 2 and [h["update"] for h in result["history"]] == [1, 2, 3]
     assert result["history"][:2] == killed["history"]  # the log before the interruption is kept
     for name, p in trainable(full).items():
         torch.testing.assert_close(trainable(resumed)[name], p)
+
+
+def test_warm_up_starts_from_a_zero_rate_and_reaches_the_full_one(tmp_path):
+    model, _ = run(1, tmp_path / "one", warmup_updates=2)
+    zero_at_init = {n: p for n, p in trainable(model).items() if "lora_B" in n or "class_embedding" in n}
+    # Update 1 runs at rate 0: it only fills Adam's moments, so the zero-initialised weights stay zero.
+    assert zero_at_init and all(not p.any() for p in zero_at_init.values())
+    _, warm = run(3, tmp_path / "warm", warmup_updates=2)
+    _, none = run(3, tmp_path / "none")
+    assert warm["history"][-1]["loss"] != none["history"][-1]["loss"]
 
 
 def test_a_checkpoint_trained_against_another_reward_classifier_is_not_resumed(tmp_path):

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from diffusers.optimization import get_constant_schedule_with_warmup
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -58,20 +59,23 @@ def _trainable(model: ControlledModel) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(
-    directory: Path, model: ControlledModel, opt, update: int, fingerprint: str, history: list[dict]
+    directory: Path, model: ControlledModel, opt, sched, update: int, fingerprint: str, history: list[dict]
 ) -> None:
-    """Trainable weights, optimizer state, the update count and the log so far, written atomically."""
+    """Trainable weights, optimizer and warm-up state, the update count and the log so far, atomically."""
     with atomic_dir(directory) as tmp:
         save_file(
             {n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()},
             tmp / "trainable.safetensors",
         )
         torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        torch.save(sched.state_dict(), tmp / "lr_scheduler.pt")
         (tmp / "state.json").write_text(json.dumps({"update": update, "config": fingerprint}))
         (tmp / "history.json").write_text(json.dumps(history))
 
 
-def load_checkpoint(directory: Path, model: ControlledModel, opt, fingerprint: str) -> tuple[int, list[dict]]:
+def load_checkpoint(
+    directory: Path, model: ControlledModel, opt, sched, fingerprint: str
+) -> tuple[int, list[dict]]:
     """Restore a checkpoint of the same configuration: (the update to continue from, the log so far)."""
     state_path = directory / "state.json"
     if not state_path.is_file():
@@ -85,6 +89,7 @@ def load_checkpoint(directory: Path, model: ControlledModel, opt, fingerprint: s
         for name, p in _trainable(model).items():
             p.copy_(weights[name])
     opt.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=False))
+    sched.load_state_dict(torch.load(directory / "lr_scheduler.pt", weights_only=False))
     history_path = directory / "history.json"
     history = json.loads(history_path.read_text()) if history_path.is_file() else []
     return state["update"], history[: state["update"]]
@@ -156,6 +161,8 @@ def finetune(
         weight_decay=cfg.weight_decay,
     )
     opt = accelerator.prepare(opt)
+    # Stepped once per update by hand (accelerate's wrapper would step once per process).
+    sched = get_constant_schedule_with_warmup(opt, cfg.warmup_updates)
     rollout_cfg = RolloutConfig(
         sampler_params.steps,
         sampler_params.eta,
@@ -176,7 +183,7 @@ def finetune(
         weights_hash(reward, base.unet),  # before any update: the base and the fresh LoRA
         code_hash(),
     )
-    start, history = load_checkpoint(checkpoint_dir, model, opt, fingerprint)
+    start, history = load_checkpoint(checkpoint_dir, model, opt, sched, fingerprint)
     trajectories = cfg.batch_size * accelerator.num_processes * cfg.grad_accumulation
     if accelerator.is_main_process:
         print(
@@ -230,6 +237,7 @@ def finetune(
         }
         stats_sum["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm))
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
 
         if (update + 1) % cfg.probe_every == 0 or update + 1 == cfg.updates:
@@ -241,6 +249,6 @@ def finetune(
         if accelerator.is_main_process and (
             (update + 1) % cfg.checkpoint_every == 0 or update + 1 == cfg.updates
         ):
-            save_checkpoint(checkpoint_dir, model, opt, update + 1, fingerprint, history)
+            save_checkpoint(checkpoint_dir, model, opt, sched, update + 1, fingerprint, history)
         accelerator.wait_for_everyone()
     return {"start_update": start, "history": history, "trajectories_per_update": trajectories}

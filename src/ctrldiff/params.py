@@ -162,6 +162,8 @@ class FinetuneParams(_Section):
     lora_targets: list[str] = Field(default_factory=lambda: list(ATTENTION), min_length=1)
     lr_lora: float = Field(3e-3, gt=0)
     lr_embedding: float = Field(3e-2, gt=0)
+    # Linear learning-rate warm-up: Adam's first steps move every coordinate by the full rate.
+    warmup_updates: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
