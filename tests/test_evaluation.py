@@ -1,7 +1,15 @@
 import numpy as np
 import pytest
+import torch
 
-from ctrldiff.evaluation import control_metrics, frechet_distance, task_metrics
+from ctrldiff.classifier import Classifier, SmallCNN
+from ctrldiff.evaluation import (
+    control_metrics,
+    features_and_predictions,
+    fidelity,
+    frechet_distance,
+    task_metrics,
+)
 from ctrldiff.tasks import oracle_classes
 
 
@@ -54,3 +62,18 @@ def test_joint_control_is_scored_per_task_and_jointly_by_the_oracles():
     assert m["joint"]["accuracy"] == pytest.approx(2 / 4)
     assert m["joint"]["confusion"][0] == [1, 0, 0, 1]
     assert "mean_score_per_class" not in m["joint"]
+
+
+def test_fidelity_reports_c_accuracy_per_requested_class():
+    torch.manual_seed(0)
+    arch = {"in_channels": 1, "num_classes": 3, "width": 8}
+    digit = Classifier(SmallCNN(**arch), arch).eval()
+    pixels = np.random.default_rng(0).integers(0, 256, (60, 16, 16), dtype=np.uint8)
+    feats, preds = features_and_predictions(digit, pixels)
+    y = np.repeat([0, 1], 30)
+    c = np.where(y == 0, preds, (preds + 1) % 3)  # every y = 0 image recognised, no y = 1 image
+    real_c = np.arange(60) % 3  # every class has real features to compare with
+    fid = fidelity(digit, pixels, c, feats, real_c, y)
+    assert fid["c_accuracy"] == pytest.approx(0.5)
+    assert fid["c_accuracy_per_y"] == pytest.approx([1.0, 0.0])
+    assert "c_accuracy_per_y" not in fidelity(digit, pixels, c, feats, real_c)

@@ -90,11 +90,19 @@ def fidelity(
     c: np.ndarray,
     real_feats: np.ndarray,
     real_c: np.ndarray,
+    y: np.ndarray | None = None,
 ) -> dict:
-    """c_accuracy and the mean per-class Fréchet distance of generated images to real features."""
+    """c_accuracy and the mean per-class Fréchet distance of generated images to real features.
+
+    With the requested y, also c_accuracy per requested class: a control can cost fidelity in one
+    class only (CTRL's most compressible class turns blank) and the overall figure hides which.
+    """
     feats, preds = features_and_predictions(digit_clf, pixels)
     per_class = [frechet_distance(feats[c == k], real_feats[real_c == k]) for k in np.unique(c)]
-    return {"c_accuracy": float((preds == c).mean()), "frechet": float(np.mean(per_class))}
+    out = {"c_accuracy": float((preds == c).mean()), "frechet": float(np.mean(per_class))}
+    if y is not None:
+        out["c_accuracy_per_y"] = [float((preds == c)[y == k].mean()) for k in range(int(y.max()) + 1)]
+    return out
 
 
 def real_by_split(table: pd.DataFrame, label_meta: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -132,7 +140,7 @@ def evaluate_samples(
         return record
     train_pixels, train_c = real["train"]
     train_feats, _ = features_and_predictions(digit_clf, train_pixels)  # once, for both comparisons
-    fid = fidelity(digit_clf, pixels, c, train_feats, train_c)
+    fid = fidelity(digit_clf, pixels, c, train_feats, train_c, np.asarray(y))
 
     # Reference: as many held-out real digits per class as there are generated ones.
     val_pixels, val_c = real["val"]
