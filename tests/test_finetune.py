@@ -52,7 +52,7 @@ def test_resume_continues_from_the_saved_update_and_matches_an_uninterrupted_run
         torch.testing.assert_close(trainable(resumed)[name], p)
 
 
-def test_warm_up_starts_from_a_zero_rate_and_reaches_the_full_one(tmp_path):
+def test_warm_up_starts_from_a_zero_rate_and_changes_the_later_updates(tmp_path):
     model, _ = run(1, tmp_path / "one", warmup_updates=2)
     zero_at_init = {n: p for n, p in trainable(model).items() if "lora_B" in n or "class_embedding" in n}
     # Update 1 runs at rate 0: it only fills Adam's moments, so the zero-initialised weights stay zero.
