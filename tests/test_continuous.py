@@ -5,7 +5,7 @@ import torch
 from ctrldiff.continuous import (
     calibrated_positions,
     calibration_grid,
-    interpolation_weights,
+    class_mean_positions,
     parity_metrics,
     path_weights,
     spread_targets,
@@ -14,6 +14,11 @@ from ctrldiff.control import YEmbedding
 from ctrldiff.sampling import SamplerConfig, sample
 
 MEANS = [900.0, 820.0, 760.0, 700.0]  # class 0 = least compressible, as the label convention
+
+
+def interpolation_weights(targets: np.ndarray, class_means: list[float]) -> np.ndarray:
+    """The ``class_means`` rule's weights, as the `continuous` stage composes them."""
+    return path_weights(class_mean_positions(targets, class_means), class_means)
 
 
 def test_interpolation_at_a_class_mean_reproduces_its_embedding_exactly():

@@ -48,11 +48,6 @@ def class_mean_positions(targets: np.ndarray, class_means: list[float]) -> np.nd
     return np.interp(np.asarray(targets, dtype=float), sorted_means, np.arange(len(sorted_means)))
 
 
-def interpolation_weights(targets: np.ndarray, class_means: list[float]) -> np.ndarray:
-    """(N, K) weights of the ``class_means`` rule."""
-    return path_weights(class_mean_positions(targets, class_means), class_means)
-
-
 def calibration_grid(num_classes: int, points_per_segment: int) -> np.ndarray:
     """Positions along the path at which the ``calibrated`` rule measures the achieved score."""
     return np.linspace(0, num_classes - 1, (num_classes - 1) * points_per_segment + 1)
