@@ -110,7 +110,7 @@ def main() -> None:
         ess = np.mean([effective_size(w[c == k, y]) for k in np.unique(c) for y in joint_y])
         row = " ".join(f"{f'{a:.3f} / {f:.3f}':>24}" for a, f in figures)
         print(f"{gamma:6g} {row} {c_acc:10.3f} {ess:6.1f}")
-    print("at the largest gamma, per requested joint class: oracle accuracy | mean p̂(y | x)")
+    print(f"at gamma {args.gammas[-1]:g}, per requested joint class: oracle accuracy | mean p̂(y | x)")
     got = join(truth, counts)
     print(" ".join(f"{np.average(got == y, weights=w[:, y]):.3f}" for y in joint_y), end=" | ")
     print(" ".join(f"{np.average(np.exp(log_p[:, y]), weights=w[:, y]):.2f}" for y in joint_y))
