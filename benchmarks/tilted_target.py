@@ -93,7 +93,7 @@ def main() -> None:
     truth = [oracle_classes(pixels, meta["tasks"][task])[1] for task in tasks]
     _, said_digit = features_and_predictions(digit, pixels)
     recognised = said_digit == c
-    joint_y = np.arange(log_p.shape[1])
+    joint_y, joint_truth = np.arange(log_p.shape[1]), join(truth, counts)
 
     print(f"{len(c) // len(np.unique(c))} base images per digit; base c_accuracy {recognised.mean():.3f}")
     columns = [f"{t} acc / F1" for t in tasks] + (["joint acc / F1"] if len(tasks) > 1 else [])
@@ -105,14 +105,13 @@ def main() -> None:
             for asked, got in zip(split_joint(joint_y, counts), truth, strict=True)
         ]
         if len(tasks) > 1:
-            figures.append(weighted_scores(joint_y, join(truth, counts), w))
+            figures.append(weighted_scores(joint_y, joint_truth, w))
         c_acc = float(np.average(np.broadcast_to(recognised[:, None], w.shape), weights=w))
         ess = np.mean([effective_size(w[c == k, y]) for k in np.unique(c) for y in joint_y])
         row = " ".join(f"{f'{a:.3f} / {f:.3f}':>24}" for a, f in figures)
         print(f"{gamma:6g} {row} {c_acc:10.3f} {ess:6.1f}")
     print(f"at gamma {args.gammas[-1]:g}, per requested joint class: oracle accuracy | mean p̂(y | x)")
-    got = join(truth, counts)
-    print(" ".join(f"{np.average(got == y, weights=w[:, y]):.3f}" for y in joint_y), end=" | ")
+    print(" ".join(f"{np.average(joint_truth == y, weights=w[:, y]):.3f}" for y in joint_y), end=" | ")
     print(" ".join(f"{np.average(np.exp(log_p[:, y]), weights=w[:, y]):.2f}" for y in joint_y))
 
 
