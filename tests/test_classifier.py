@@ -11,6 +11,7 @@ from ctrldiff.classifier import (
     ClassifierError,
     SmallCNN,
     calibration_report,
+    fit_task,
     fit_temperature,
     labelled_subset,
     real_prior_weights,
@@ -147,3 +148,11 @@ def test_copies_are_shifted_noisy_and_labelled_by_the_oracle_not_inherited():
         for c in shifted
     )  # without noise a copy is the image rolled by at most 2 pixels
     assert with_labelled_copies(x, y, spec, cfg.model_copy(update={"copies": 0}), seed=0)[0] is x
+
+
+def test_dct_size_model_refuses_colour_jpeg_and_names_the_key():
+    meta = {"channels": 3, "tasks": {"compressibility": {"score": "jpeg_bytes", "classes": [0, 1]}}}
+    with pytest.raises(ClassifierError, match="classifier.compressibility_model: cnn"):
+        fit_task(
+            pd.DataFrame(), meta, "compressibility", ClassifierParams(compressibility_model="dct"), seed=0
+        )

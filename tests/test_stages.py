@@ -83,6 +83,7 @@ def test_smoke_pipeline_writes_parquet_classifier_and_metrics(smoke_run):
         assert 0.0 <= clf_metrics[key] < 10.0
     assert (smoke_run / "metrics/classifier/compressibility_reliability.png").stat().st_size > 1000
     clf = Classifier.load(smoke_run / "models/classifier/compressibility")
+    assert clf.arch["kind"] == "jpeg_size"  # the smoke params ask for compressibility_model: dct
     clf.check_classes([0, 1, 2, 3], label_metrics["compressibility"]["thresholds_bytes"])
     assert Classifier.load(smoke_run / "models/classifier/digit").meta["classes"] == list(range(10))
 

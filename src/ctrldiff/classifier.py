@@ -1,9 +1,10 @@
 """(image, label) pairs -> a calibrated classifier p̂(y | x).
 
 Used for the CTRL reward (compressibility), the second label (ink) and the digit classifier that
-measures fidelity to c. A small CNN on [-1, 1] pixels, differentiable in its input (the reward and
-the guidance baselines back-propagate through it), calibrated by temperature scaling: one scalar T
-fitted on validation NLL (Guo et al. 2017).
+measures fidelity to c. A small CNN on [-1, 1] pixels, or for JPEG compressibility the ordinal size
+model of ``jpeg_size`` (``classifier.compressibility_model``); either is differentiable in its input
+(the reward and the guidance baselines back-propagate through it) and calibrated by temperature
+scaling: one scalar T fitted on validation NLL (Guo et al. 2017).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ctrldiff.data import table_images
+from ctrldiff.jpeg_size import JpegSizeNet, fit_jpeg_size, size_errors
 from ctrldiff.labels import bin_scores
 from ctrldiff.oracles import oracle_scores, to_model_space, to_uint8
 from ctrldiff.params import ClassifierParams
@@ -62,10 +64,20 @@ class SmallCNN(nn.Module):
         return self.head(self.body(x))
 
 
+def build_net(arch: dict) -> nn.Module:
+    """An untrained network of the architecture a saved ``config.json`` records (no kind: a SmallCNN)."""
+    kind, args = arch.get("kind", "cnn"), {k: v for k, v in arch.items() if k != "kind"}
+    if kind == "cnn":
+        return SmallCNN(**args)
+    if kind == "jpeg_size":
+        return JpegSizeNet(**args)
+    raise ClassifierError(f"unknown classifier kind {kind!r}; known: cnn, jpeg_size")
+
+
 class Classifier(nn.Module):
     """A trained network, its temperature, and what its classes mean (``meta``)."""
 
-    def __init__(self, net: SmallCNN, arch: dict, temperature: float = 1.0, meta: dict | None = None):
+    def __init__(self, net: nn.Module, arch: dict, temperature: float = 1.0, meta: dict | None = None):
         super().__init__()
         self.net, self.arch, self.meta = net, arch, meta or {}
         self.register_buffer("temperature", torch.tensor(float(temperature)))
@@ -100,7 +112,7 @@ class Classifier(nn.Module):
             )
         try:
             config = json.loads(config_path.read_text())
-            net = SmallCNN(**config["arch"])
+            net = build_net(config["arch"])
             net.load_state_dict(load_file(weights))
         except Exception as err:  # corrupt JSON, truncated safetensors, wrong shapes
             raise ClassifierError(f"{directory}: cannot load classifier: {err}") from err
@@ -286,6 +298,12 @@ def fit_task(
     classes = spec["classes"]
     if len(classes) < 2:
         raise ClassifierError(f"task {task!r} has {len(classes)} class(es); a classifier needs at least 2")
+    size_model = spec.get("score") == "jpeg_bytes" and cfg.compressibility_model == "dct"
+    if size_model and meta["channels"] != 1:
+        raise ClassifierError(
+            f"classifier.compressibility_model 'dct' models single-channel JPEG; the data has "
+            f"{meta['channels']} channels: set classifier.compressibility_model: cnn"
+        )
     x_train, y_train, _ = task_tensors(table, meta, task, "train")
     x_val, y_val, _ = task_tensors(table, meta, task, "val")
     n_real_train, n_real_val = len(x_train), len(x_val)
@@ -295,7 +313,12 @@ def fit_task(
         x_val, y_val = with_labelled_copies(x_val, y_val, spec, cfg, seed + 1)
         train_weights = real_prior_weights(y_train, n_real_train, len(classes))
         val_weights = real_prior_weights(y_val, n_real_val, len(classes))
-    net = train_network(x_train, y_train, len(classes), cfg, seed, f"train {task}", train_weights)
+    if size_model:
+        arch = {"kind": "jpeg_size", "quality": spec["jpeg_quality"], "thresholds": spec["thresholds"]}
+        net = fit_jpeg_size(x_train, y_train, arch["quality"], arch["thresholds"], train_weights)
+    else:
+        arch = {"in_channels": meta["channels"], "num_classes": len(classes), "width": cfg.width}
+        net = train_network(x_train, y_train, len(classes), cfg, seed, f"train {task}", train_weights)
 
     val_logits = predict_logits(net, x_val)
     temperature = fit_temperature(val_logits, y_val, val_weights)
@@ -305,7 +328,6 @@ def fit_task(
     confusion = torch.zeros(len(classes), len(classes), dtype=torch.long)
     confusion.index_put_((y_val, pred), torch.ones_like(y_val), accumulate=True)
 
-    arch = {"in_channels": meta["channels"], "num_classes": len(classes), "width": cfg.width}
     clf_meta = {
         "task": task,
         "classes": classes,
@@ -329,4 +351,10 @@ def fit_task(
         "val_ece_after": report["reliability_after"]["ece"],
         "confusion": confusion.tolist(),
     }
+    if size_model:  # how far the predicted JPEG sizes of the real validation images are from the oracle's
+        real_val = x_val[:n_real_val]
+        metrics |= {
+            f"val_size_{k}": v
+            for k, v in size_errors(net, real_val, oracle_scores(to_uint8(real_val), spec)).items()
+        }
     return Classifier(net, arch, temperature, clf_meta), metrics | {"_report": report}

@@ -86,8 +86,11 @@ class LabelParams(_Section):
 
 
 class ClassifierParams(_Section):
-    """The small CNN trained on (image, label) pairs and temperature-calibrated."""
+    """The classifiers trained on (image, label) pairs and temperature-calibrated."""
 
+    # JPEG compressibility: cnn, the SmallCNN every task uses (the epochs ... width keys below), or
+    # dct, the ordinal size model on JPEG's 8x8 DCT (ctrldiff.jpeg_size; single-channel images).
+    compressibility_model: Literal["cnn", "dct"] = "cnn"
     epochs: int = Field(15, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(2e-3, gt=0)
