@@ -37,9 +37,17 @@ def test_interpolation_is_convex_linear_between_neighbours_and_clamped_outside()
     assert np.asarray(MEANS) @ w[0] == pytest.approx(790.0)
 
 
-def test_interpolation_refuses_classes_with_equal_means():
-    with pytest.raises(ValueError, match="not distinct"):
-        interpolation_weights(np.array([1.0]), [5.0, 5.0])
+def test_tied_class_means_warn_and_keep_the_label_order_on_the_path():
+    # classes 1 and 3 tie (as a CTRL that has not separated them can): the path is 2, 0, 3, 1
+    means = [1511.2, 1513.1, 1503.0, 1513.1]
+    with pytest.warns(UserWarning, match="not distinct"):
+        w = path_weights(np.array([0.0, 1.0, 2.0, 3.0]), means)
+    assert w.argmax(1).tolist() == [2, 0, 3, 1]
+    with pytest.warns(UserWarning, match="not distinct"):
+        w = interpolation_weights(np.array([1507.1, 1513.1, 1520.0]), means)
+    assert w.sum(1) == pytest.approx([1, 1, 1]) and (w >= 0).all()
+    assert np.asarray(means) @ w[0] == pytest.approx(1507.1)  # still linear below the tie
+    assert np.asarray(means) @ w[1] == pytest.approx(1513.1) and w[2] == pytest.approx([0, 1, 0, 0])
 
 
 def test_path_positions_run_through_the_classes_in_order_of_their_means():

@@ -11,9 +11,14 @@ weights are one-hot, so the embedding is exactly that class's row. Two rules pic
   segments' non-linearity with a few hundred extra images and no retraining.
 
 Targets beyond the range clamp to the path's ends (no extrapolation: the weights stay convex).
+Classes whose achieved means tie (a CTRL that has not yet separated them) keep their label order on
+the path, higher label (more compressible) first, with a warning: the path stays defined, and the
+parity metrics then show how little control there is.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 from sklearn.isotonic import IsotonicRegression
@@ -21,11 +26,15 @@ from sklearn.metrics import r2_score
 
 
 def _sorted_means(class_means: list[float]) -> tuple[np.ndarray, np.ndarray]:
-    """The classes' order along the path (ascending achieved mean) and their sorted means."""
+    """The classes' order along the path (ascending achieved mean, ties by descending label) and
+    their sorted means."""
     means = np.asarray(class_means, dtype=float)
     if len(np.unique(means)) != len(means):
-        raise ValueError(f"class means {means.tolist()} are not distinct: no path to interpolate along")
-    order = np.argsort(means)
+        warnings.warn(
+            f"class means {means.tolist()} are not distinct: tied classes follow their label order",
+            stacklevel=3,
+        )
+    order = np.lexsort((-np.arange(len(means)), means))
     return order, means[order]
 
 
