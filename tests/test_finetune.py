@@ -52,6 +52,24 @@ def test_resume_continues_from_the_saved_update_and_matches_an_uninterrupted_run
         torch.testing.assert_close(trainable(resumed)[name], p)
 
 
+def test_accumulated_micro_batches_give_the_gradient_of_one_batch_of_the_same_trajectories(
+    tmp_path, monkeypatch
+):
+    c, y, seeds = torch.tensor([0, 3, 5, 9]), torch.tensor([0, 1, 2, 3]), [11, 12, 13, 14]
+
+    def fixed_batch(index, rank, seed, batch, num_c, num_y):  # micro-batch `index` takes its slice of the 4
+        i = index * batch % 4
+        return c[i : i + batch] % num_c, y[i : i + batch], seeds[i : i + batch]
+
+    monkeypatch.setattr("ctrldiff.finetune.draw_batch", fixed_batch)
+    # grad_norm is the norm of the mean gradient before clipping; no rate, so clipping cannot differ.
+    _, one = run(1, tmp_path / "one", batch_size=4, clip_grad_norm=1e9)
+    _, two = run(1, tmp_path / "two", batch_size=2, grad_accumulation=2, clip_grad_norm=1e9)
+    assert two["trajectories_per_update"] == one["trajectories_per_update"] == 4
+    for key in ("loss", "grad_norm"):
+        assert two["history"][0][key] == pytest.approx(one["history"][0][key], rel=1e-4)
+
+
 def test_warm_up_starts_from_a_zero_rate_and_changes_the_later_updates(tmp_path):
     model, _ = run(1, tmp_path / "one", warmup_updates=2)
     zero_at_init = {n: p for n, p in trainable(model).items() if "lora_B" in n or "class_embedding" in n}

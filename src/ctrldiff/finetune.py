@@ -225,7 +225,7 @@ def finetune(
                     f"finetune: non-finite loss at update {update} ({stats}); the last good checkpoint in "
                     f"{checkpoint_dir} is intact. Lower finetune.lr_lora / lr_embedding or gamma."
                 )
-            accelerator.backward(loss / cfg.grad_accumulation)
+            accelerator.backward(loss)  # divides by grad_accumulation itself: the mean over micro-batches
             for k, v in stats.items():
                 stats_sum[k] = stats_sum.get(k, 0.0) + v / cfg.grad_accumulation
         # Average the trainable gradients over processes: every rank takes the same step.
