@@ -2,15 +2,20 @@
 
 Run after `dvc repro train_classifier base` (10 min on 2 cores; `--cache` keeps the base images):
     python benchmarks/tilted_target.py [--setting single|multitask] [--n 1000] [--cache F.npz]
+                                       [--compare data/samples/ctrl]
 
 CTRL's optimum samples p_γ(x | c, y) ∝ p̂(y | x)^γ p_pre(x | c). This script draws n base images per
 digit c (the `sample` section's sampler, seeds disjoint from the evaluation's) and weights each by
 p̂(y | x)^γ, self-normalised within (c, y). The weighted oracle accuracy and macro-F1 per task, and the
 digit accuracy (c_accuracy), are what a perfect optimiser would reach among the images the base itself
 produces. ESS is the effective sample size per (c, y) (mean over pairs); near 1 the estimate is
-best-of-n. The target also holds images the base makes too rarely to be drawn here (a blank "3"):
-CTRL can beat these figures only by going there, which is where digits stop being recognised.
-So a low accuracy here says the reward, not the optimiser, holds CTRL back at fidelity.
+best-of-n. E log p̂, KL and the objective γ E log p̂ − KL are CTRL's own terms (its finetune log's
+`reward` and `kl`) at this optimum, for comparison with a run's. The target also holds images the
+base makes too rarely to be drawn here (a blank "3"): CTRL can beat these figures only by going
+there, which is where digits stop being recognised. So a low accuracy here says the reward, not the
+optimiser, holds CTRL back at fidelity. `--compare` reads a method's samples with the same reward and
+prints their mean log p̂(y | x) per (c, y) beside the target's at the pipeline's γ: where the method
+stops short of an optimum the base's own images reach.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from sklearn.metrics import f1_score
 
 from ctrldiff.classifier import Classifier
+from ctrldiff.data import table_images
 from ctrldiff.evaluation import features_and_predictions
 from ctrldiff.methods import build, generate
 from ctrldiff.oracles import to_model_space
@@ -55,6 +62,16 @@ def effective_size(weights: np.ndarray) -> float:
     return float(weights.sum() ** 2 / (weights**2).sum())
 
 
+def tilted_kl(weights: np.ndarray) -> float:
+    """KL(tilted ‖ base) in nats, of one (c, y)'s self-normalised weights over its n base images.
+
+    The exact optimum's trajectory KL equals this (its path measure is the base's, reweighted at
+    x0), so it is what CTRL's `kl` would read at the optimum, against log n for the best of n.
+    """
+    w = weights[weights > 0]
+    return float((w * np.log(len(weights) * w)).sum())
+
+
 def weighted_scores(requested: np.ndarray, achieved: np.ndarray, w: np.ndarray) -> tuple[float, float]:
     """Accuracy and macro-F1 when image i stands for request y with weight w[i, y]."""
     asked = np.broadcast_to(requested, w.shape).ravel()
@@ -71,6 +88,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=300_000, help="first seed (the evaluation uses 1,000+)")
     parser.add_argument("--gammas", type=float, nargs="+", default=[0.0, 1.0, 10.0, 30.0, 100.0, 300.0])
     parser.add_argument("--cache", type=Path, help="an .npz of base images: read if present, else written")
+    parser.add_argument(
+        "--compare", type=Path, help="a method's samples folder (data/samples/ctrl): its log p̂ per (c, y)"
+    )
     args = parser.parse_args()
     params = load_params("params.yaml")
     meta = json.loads((SETTINGS[args.setting].data / "meta.json").read_text())
@@ -97,7 +117,11 @@ def main() -> None:
 
     print(f"{len(c) // len(np.unique(c))} base images per digit; base c_accuracy {recognised.mean():.3f}")
     columns = [f"{t} acc / F1" for t in tasks] + (["joint acc / F1"] if len(tasks) > 1 else [])
-    print(f"{'gamma':>6} " + " ".join(f"{h:>24}" for h in columns) + f" {'c_accuracy':>10} {'ESS':>6}")
+    print(
+        f"{'gamma':>6} "
+        + " ".join(f"{h:>24}" for h in columns)
+        + f" {'c_accuracy':>10} {'ESS':>6} {'E log p̂':>8} {'KL':>6} {'objective':>9}"
+    )
     for gamma in args.gammas:
         w = tilted_weights(log_p, c, gamma)  # every (c, y) weighs the same
         figures = [
@@ -107,12 +131,50 @@ def main() -> None:
         if len(tasks) > 1:
             figures.append(weighted_scores(joint_y, joint_truth, w))
         c_acc = float(np.average(np.broadcast_to(recognised[:, None], w.shape), weights=w))
-        ess = np.mean([effective_size(w[c == k, y]) for k in np.unique(c) for y in joint_y])
+        pairs = [(c == k, y) for k in np.unique(c) for y in joint_y]
+        ess = np.mean([effective_size(w[rows, y]) for rows, y in pairs])
+        # CTRL's own terms at this optimum, as its finetune log reads them: reward E log p̂ and KL, nats.
+        reward_term = np.mean([np.average(log_p[rows, y], weights=w[rows, y]) for rows, y in pairs])
+        kl = np.mean([tilted_kl(w[rows, y]) for rows, y in pairs])
         row = " ".join(f"{f'{a:.3f} / {f:.3f}':>24}" for a, f in figures)
-        print(f"{gamma:6g} {row} {c_acc:10.3f} {ess:6.1f}")
+        print(
+            f"{gamma:6g} {row} {c_acc:10.3f} {ess:6.1f} {reward_term:8.3f} {kl:6.2f} "
+            f"{gamma * reward_term - kl:9.2f}"
+        )
     print(f"at gamma {args.gammas[-1]:g}, per requested joint class: oracle accuracy | mean p̂(y | x)")
     print(" ".join(f"{np.average(joint_truth == y, weights=w[:, y]):.3f}" for y in joint_y), end=" | ")
     print(" ".join(f"{np.average(np.exp(log_p[:, y]), weights=w[:, y]):.2f}" for y in joint_y))
+    if args.compare:
+        compare(args.compare, reward, meta, log_p, c, params.gamma)
+
+
+def compare(folder: Path, reward, meta: dict, log_p: np.ndarray, c: np.ndarray, gamma: float) -> None:
+    """Mean log p̂(y | x) per (c, y): the target at the pipeline's γ beside a method's samples.
+
+    Pairs the base serves (its tilted images sit in the class: E log p̂ > -1) are summarised apart
+    from those it does not, where any reward gained is gained by leaving the base's images.
+    """
+    samples = pd.read_parquet(folder / "samples.parquet")
+    images = table_images(samples, meta["resolution"], meta["channels"])
+    s_c, s_y = samples["c"].to_numpy(), samples["y"].to_numpy()
+    with torch.no_grad():
+        s_lp = reward(to_model_space(images)).log_softmax(-1).numpy()[np.arange(len(s_y)), s_y]
+    w = tilted_weights(log_p, c, gamma)
+    digits, classes = np.unique(c), np.arange(log_p.shape[1])
+    target = np.array([[np.average(log_p[c == k, y], weights=w[c == k, y]) for y in classes] for k in digits])
+    kl = np.array([[tilted_kl(w[c == k, y]) for y in classes] for k in digits])
+    method = np.array([[s_lp[(s_c == k) & (s_y == y)].mean() for y in classes] for k in digits])
+    print(f"\nmean log p̂(y | x) per (c, y), target at gamma {gamma:g} | {folder}:")
+    print("c  " + " ".join(f"{f'y = {y}':>15}" for y in classes))
+    for k, t_row, m_row in zip(digits, target, method, strict=True):
+        print(f"{k:<2} " + " ".join(f"{f'{t:.2f} | {m:.2f}':>15}" for t, m in zip(t_row, m_row, strict=True)))
+    served = target > -1.0
+    for name, rows in (("served by the base", served), ("not served", ~served)):
+        if rows.any():
+            print(
+                f"{rows.sum():3d} pairs {name}: target E log p̂ {target[rows].mean():.3f} at KL "
+                f"{kl[rows].mean():.2f} nats; {folder.name} {method[rows].mean():.3f}"
+            )
 
 
 if __name__ == "__main__":
