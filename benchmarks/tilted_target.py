@@ -72,6 +72,15 @@ def tilted_kl(weights: np.ndarray) -> float:
     return float((w * np.log(len(weights) * w)).sum())
 
 
+def pair_terms(log_p: np.ndarray, c: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per (c, y), arrays (digits, classes): E log p̂(y | x) under the weights, their KL and their ESS."""
+    pairs = [[(c == k, y) for y in range(log_p.shape[1])] for k in np.unique(c)]
+    reward_term = np.array([[np.average(log_p[r, y], weights=w[r, y]) for r, y in row] for row in pairs])
+    kl = np.array([[tilted_kl(w[r, y]) for r, y in row] for row in pairs])
+    ess = np.array([[effective_size(w[r, y]) for r, y in row] for row in pairs])
+    return reward_term, kl, ess
+
+
 def weighted_scores(requested: np.ndarray, achieved: np.ndarray, w: np.ndarray) -> tuple[float, float]:
     """Accuracy and macro-F1 when image i stands for request y with weight w[i, y]."""
     asked = np.broadcast_to(requested, w.shape).ravel()
@@ -131,11 +140,8 @@ def main() -> None:
         if len(tasks) > 1:
             figures.append(weighted_scores(joint_y, joint_truth, w))
         c_acc = float(np.average(np.broadcast_to(recognised[:, None], w.shape), weights=w))
-        pairs = [(c == k, y) for k in np.unique(c) for y in joint_y]
-        ess = np.mean([effective_size(w[rows, y]) for rows, y in pairs])
         # CTRL's own terms at this optimum, as its finetune log reads them: reward E log p̂ and KL, nats.
-        reward_term = np.mean([np.average(log_p[rows, y], weights=w[rows, y]) for rows, y in pairs])
-        kl = np.mean([tilted_kl(w[rows, y]) for rows, y in pairs])
+        reward_term, kl, ess = (a.mean() for a in pair_terms(log_p, c, w))
         row = " ".join(f"{f'{a:.3f} / {f:.3f}':>24}" for a, f in figures)
         print(
             f"{gamma:6g} {row} {c_acc:10.3f} {ess:6.1f} {reward_term:8.3f} {kl:6.2f} "
@@ -159,10 +165,8 @@ def compare(folder: Path, reward, meta: dict, log_p: np.ndarray, c: np.ndarray, 
     s_c, s_y = samples["c"].to_numpy(), samples["y"].to_numpy()
     with torch.no_grad():
         s_lp = reward(to_model_space(images)).log_softmax(-1).numpy()[np.arange(len(s_y)), s_y]
-    w = tilted_weights(log_p, c, gamma)
+    target, kl, _ = pair_terms(log_p, c, tilted_weights(log_p, c, gamma))
     digits, classes = np.unique(c), np.arange(log_p.shape[1])
-    target = np.array([[np.average(log_p[c == k, y], weights=w[c == k, y]) for y in classes] for k in digits])
-    kl = np.array([[tilted_kl(w[c == k, y]) for y in classes] for k in digits])
     method = np.array([[s_lp[(s_c == k) & (s_y == y)].mean() for y in classes] for k in digits])
     print(f"\nmean log p̂(y | x) per (c, y), target at gamma {gamma:g} | {folder}:")
     print("c  " + " ".join(f"{f'y = {y}':>15}" for y in classes))
