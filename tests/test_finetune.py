@@ -62,7 +62,7 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_batch_of_the_same_tr
         return c[i : i + batch] % num_c, y[i : i + batch], seeds[i : i + batch]
 
     monkeypatch.setattr("ctrldiff.finetune.draw_batch", fixed_batch)
-    # grad_norm is the norm of the mean gradient before clipping; no rate, so clipping cannot differ.
+    # grad_norm is the norm of the mean gradient before clipping, which a 1e9 threshold leaves off.
     _, one = run(1, tmp_path / "one", batch_size=4, clip_grad_norm=1e9)
     _, two = run(1, tmp_path / "two", batch_size=2, grad_accumulation=2, clip_grad_norm=1e9)
     assert two["trajectories_per_update"] == one["trajectories_per_update"] == 4
