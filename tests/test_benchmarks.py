@@ -9,12 +9,13 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
+from benchmarks.control_window import windowed_sample
 from benchmarks.kl_per_step import kl_per_step
 from benchmarks.tilted_target import compare, effective_size, tilted_kl, tilted_weights, weighted_scores
 from ctrldiff.control import add_control
 from ctrldiff.ctrl import RolloutConfig, rollout
 from ctrldiff.data import png_bytes
-from ctrldiff.sampling import request_noise
+from ctrldiff.sampling import SamplerConfig, request_noise, sample
 from tests.conftest import micro_base
 
 
@@ -32,6 +33,30 @@ def test_kl_per_step_adds_up_to_the_trajectory_kl_of_a_rollout():
     assert sum(steps) > 0
     torch.testing.assert_close(torch.tensor(sum(steps)), total.mean(), rtol=1e-5, atol=1e-6)
     assert pixels.shape[0] == 3 and pixels.dtype.name == "uint8"
+
+
+def test_control_window_is_the_base_at_zero_steps_and_the_fine_tuned_model_at_all():
+    base = micro_base()
+    c, y, seeds = torch.tensor([0, 1, 2]), torch.tensor([1, 0, 1]), [5, 6, 7]
+    cfg = SamplerConfig(steps=4)
+    before = sample(base, c, seeds, cfg)  # the base model, no control attached yet
+    model = add_control(base, [0, 1], lora_rank=2)
+    with torch.no_grad():
+        model.y_embedding.weight[:2].normal_()  # a control that moves the means
+        for name, p in base.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    images, kl = windowed_sample(model, c, y, seeds, cfg, first=0)
+    torch.testing.assert_close(images, before)
+    assert kl.shape == (3, cfg.steps - 1) and (kl == 0).all()
+    images, kl = windowed_sample(model, c, y, seeds, cfg, first=cfg.steps)
+    torch.testing.assert_close(images, sample(base, c, seeds, cfg, y, model.y_null))
+    noise = request_noise(seeds, base.sample_shape, cfg.steps)
+    with torch.no_grad():
+        _, _, total = rollout(model, c, y, noise, RolloutConfig(steps=4, grad_steps=4))
+    torch.testing.assert_close(torch.tensor(kl.sum(1)), total, rtol=1e-5, atol=1e-6)
+    _, kl = windowed_sample(model, c, y, seeds, cfg, first=2)
+    assert (kl[:, :2] > 0).all() and (kl[:, 2:] == 0).all()
 
 
 def test_tilted_weights_are_uniform_at_gamma_zero_and_pick_the_best_image_at_large_gamma():
