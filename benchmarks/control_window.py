@@ -46,15 +46,13 @@ class ControlWindow:
     def __call__(self, base, x, t, t_prev, z, c, cfg, y, y_null):
         with self.model.reference():
             eps_ref = guided_eps(base, x, t, c, cfg.guidance_scale, torch.full_like(y, y_null), y_null)
-        mean, sigma, _ = ddim_step(base.scheduler, x, eps_ref, t, t_prev, cfg.eta)
+        mean_ref, sigma, _ = ddim_step(base.scheduler, x, eps_ref, t, t_prev, cfg.eta)
+        mean = mean_ref
         if self.index[t] < self.first:
-            mean_ref = mean
             eps = guided_eps(base, x, t, c, cfg.guidance_scale, y, y_null)
             mean, _, _ = ddim_step(base.scheduler, x, eps, t, t_prev, cfg.eta)
-            if sigma > 0:
-                self.kl.append(gaussian_kl(mean, mean_ref, sigma, "sum"))
-        elif sigma > 0:
-            self.kl.append(torch.zeros(len(x)))
+        if sigma > 0:
+            self.kl.append(gaussian_kl(mean, mean_ref, sigma, "sum"))  # zero where the base runs
         return mean + sigma * z
 
 
