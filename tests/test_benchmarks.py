@@ -10,13 +10,15 @@ import torch
 from sklearn.metrics import f1_score
 
 from benchmarks.control_window import windowed_sample
+from benchmarks.gradient_coherence import continuation_gradients, signal_fraction
 from benchmarks.kl_per_step import kl_per_step
 from benchmarks.tilted_target import compare, effective_size, tilted_kl, tilted_weights, weighted_scores
 from ctrldiff.control import add_control
 from ctrldiff.ctrl import RolloutConfig, rollout
 from ctrldiff.data import png_bytes
+from ctrldiff.ddim import timestep_pairs
 from ctrldiff.sampling import SamplerConfig, request_noise, sample
-from tests.conftest import micro_base
+from tests.conftest import micro_base, micro_reward
 
 
 def test_kl_per_step_adds_up_to_the_trajectory_kl_of_a_rollout():
@@ -57,6 +59,31 @@ def test_control_window_is_the_base_at_zero_steps_and_the_fine_tuned_model_at_al
     torch.testing.assert_close(torch.tensor(kl.sum(1)), total, rtol=1e-5, atol=1e-6)
     _, kl = windowed_sample(model, c, y, seeds, cfg, first=2)
     assert (kl[:, :2] > 0).all() and (kl[:, 2:] == 0).all()
+
+
+def test_signal_fraction_recovers_the_share_of_a_common_direction():
+    gen = torch.Generator().manual_seed(0)
+    m, n, d = 8, 40, 4000
+    mean = torch.randn(1, n, d, generator=gen)
+    noise = torch.randn(m, n, d, generator=gen)
+    assert (signal_fraction(mean.expand(m, n, d)) - 1).abs().max() < 1e-5
+    assert signal_fraction(noise).mean().abs() < 0.02
+    share = 0.25  # ||E g||^2 / E||g||^2 = 1 / (1 + 3): noise with 3 times the mean's energy
+    g = mean + 3**0.5 * noise
+    assert abs(signal_fraction(g).mean().item() - share) < 0.02
+
+
+def test_continuation_gradients_agree_at_the_deterministic_last_step_and_not_from_x_T():
+    base = micro_base()
+    base.unet.requires_grad_(False)
+    reward = micro_reward(num_classes=2).requires_grad_(False)
+    c, y = torch.tensor([0, 1, 2]), torch.tensor([1, 0, 1])
+    cfg = SamplerConfig(steps=4)
+    out = continuation_gradients(base, reward, c, y, cfg, m=4, seed=0)
+    assert [t for t, _, _ in out] == [t for t, _ in timestep_pairs(base.scheduler, 4)]
+    torch.testing.assert_close(out[-1][1], torch.ones(3))  # no noise after t = 0: all continuations agree
+    assert (out[0][1] < 0.5).all()  # from x_T, three noisy steps decide most of the gradient
+    assert all(norm > 0 for _, _, norm in out)
 
 
 def test_tilted_weights_are_uniform_at_gamma_zero_and_pick_the_best_image_at_large_gamma():
