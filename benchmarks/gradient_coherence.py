@@ -4,11 +4,12 @@ Run after `dvc repro finetune` (or before it, on the base alone):
     python benchmarks/gradient_coherence.py [--models models] [--ctrl models/ctrl] [--n 20] [--m 6]
 
 CTRL's pathwise gradient reaches the control at step t through d log p̂(y | x0) / d x_t, taken
-along one draw of the later noise. For n of the `sample` stage's requests this holds x_t fixed
-after k DDIM transitions, draws m continuations and takes each one's g = d log p̂(y | x0) / d x_t.
-The signal fraction ||E g||^2 / E ||g||^2 is the part of that gradient the later noise leaves
-alone: 1 at the last (deterministic) step, near 0 where a trajectory's gradient is mostly the
-luck of its continuation, so a control acting there learns from it only on average over many.
+along one draw of the later noise. For n of the `sample` stage's requests (their seeds) this holds
+x_t fixed after k DDIM transitions, draws m continuations and takes each one's
+g = d log p̂(y | x0) / d x_t. The signal fraction ||E g||^2 / E ||g||^2 is the part of that
+gradient the later noise leaves alone: 1 at the last (deterministic) step, near 0 where a
+trajectory's gradient is mostly the luck of its continuation, so a control acting there learns
+from it only on average over many trajectories.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ctrldiff.control import load_control
 from ctrldiff.ddim import timestep_pairs
 from ctrldiff.methods import balanced_requests
 from ctrldiff.params import load_params
-from ctrldiff.sampling import SamplerConfig, ddim_cfg_step
+from ctrldiff.sampling import SamplerConfig, ddim_cfg_step, sample
 from ctrldiff.tasks import load_reward, num_joint_classes
 
 
@@ -44,6 +45,7 @@ def continuation_gradients(
     reward: torch.nn.Module,
     c: torch.Tensor,
     y: torch.Tensor,
+    seeds: list[int],
     cfg: SamplerConfig,
     m: int,
     seed: int,
@@ -52,17 +54,20 @@ def continuation_gradients(
     """For each DDIM step k: (t, signal fraction per request, mean |g|) of the gradient at x_t.
 
     The sampler is the base (``y_null`` None) or, with its control attached, the fine-tuned model
-    asked for y. One rollout per request gives the states; m fresh continuations of each follow.
+    asked for y. The requests' own rollouts (noise from ``seeds``) give the states; m continuations
+    of each follow, with fresh noise drawn from ``seed``.
     """
+    y_in = None if y_null is None else y
+    states: list[torch.Tensor] = []
+
+    def record(model: BaseModel, x: torch.Tensor, *args) -> torch.Tensor:
+        states.append(x)
+        return ddim_cfg_step(model, x, *args)
+
+    with torch.no_grad():
+        sample(base, c, seeds, cfg, y_in, y_null, record)
     gen = torch.Generator().manual_seed(seed)
     pairs = timestep_pairs(base.scheduler, cfg.steps)
-    y_in = None if y_null is None else y
-    x = torch.randn((len(c), *base.sample_shape), generator=gen)
-    states = []
-    with torch.no_grad():
-        for t, t_prev in pairs:
-            states.append(x)
-            x = ddim_cfg_step(base, x, t, t_prev, torch.randn(x.shape, generator=gen), c, cfg, y_in, y_null)
     cm, ym = c.repeat(m), y.repeat(m)
     out = []
     for k, state in enumerate(states):
@@ -101,7 +106,8 @@ def main() -> None:
     sampler = f"fine-tuned {args.ctrl}" if args.ctrl else "base"
     print(f"{sampler}: {args.n} requests x {args.m} continuations")
     print("     t | signal fraction: mean (quartiles) | mean |g|")
-    for t, frac, norm in continuation_gradients(base, reward, c, y, cfg, args.m, args.seed, y_null):
+    seeds = req.seed.tolist()
+    for t, frac, norm in continuation_gradients(base, reward, c, y, seeds, cfg, args.m, args.seed, y_null):
         q = torch.quantile(frac, torch.tensor([0.25, 0.5, 0.75]))
         quartiles = " ".join(f"{v:5.2f}" for v in q)
         print(f"{t:6d} | {frac.mean():5.2f} ({quartiles})        | {norm:8.1f}", flush=True)

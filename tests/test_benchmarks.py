@@ -79,7 +79,7 @@ def test_continuation_gradients_agree_at_the_deterministic_last_step_and_not_fro
     reward = micro_reward(num_classes=2).requires_grad_(False)
     c, y = torch.tensor([0, 1, 2]), torch.tensor([1, 0, 1])
     cfg = SamplerConfig(steps=4)
-    out = continuation_gradients(base, reward, c, y, cfg, m=4, seed=0)
+    out = continuation_gradients(base, reward, c, y, [5, 6, 7], cfg, m=4, seed=0)
     assert [t for t, _, _ in out] == [t for t, _ in timestep_pairs(base.scheduler, 4)]
     torch.testing.assert_close(out[-1][1], torch.ones(3))  # no noise after t = 0: all continuations agree
     assert (out[0][1] < 0.5).all()  # from x_T, three noisy steps decide most of the gradient
