@@ -33,7 +33,8 @@ def signal_fraction(g: torch.Tensor) -> torch.Tensor:
     """(m, n, ...) gradients of m continuations of n states -> per state ||E g||^2 / E ||g||^2.
 
     ||mean g||^2 estimates ||E g||^2 + tr Cov / m and mean ||g||^2 estimates ||E g||^2 + tr Cov;
-    their ratio is s + (1 - s) / m, solved here for s.
+    their ratio is s + (1 - s) / m, solved here for s. NaN for a state whose every gradient is zero
+    (its image sits where the reward is flat, or clipped): it has no gradient to split.
     """
     m, g = g.shape[0], g.flatten(2)
     coherence = g.mean(0).pow(2).sum(-1) / g.pow(2).sum(-1).mean(0)
@@ -105,12 +106,13 @@ def main() -> None:
     c, y = torch.tensor(req.c.to_numpy()), torch.tensor(req.y.to_numpy())
     sampler = f"fine-tuned {args.ctrl}" if args.ctrl else "base"
     print(f"{sampler}: {args.n} requests x {args.m} continuations")
-    print("     t | signal fraction: mean (quartiles) | mean |g|")
+    print("     t | signal fraction: mean (quartiles) | mean |g| | requests with no gradient")
     seeds = req.seed.tolist()
     for t, frac, norm in continuation_gradients(base, reward, c, y, seeds, cfg, args.m, args.seed, y_null):
-        q = torch.quantile(frac, torch.tensor([0.25, 0.5, 0.75]))
+        q = torch.nanquantile(frac, torch.tensor([0.25, 0.5, 0.75]))
         quartiles = " ".join(f"{v:5.2f}" for v in q)
-        print(f"{t:6d} | {frac.mean():5.2f} ({quartiles})        | {norm:8.1f}", flush=True)
+        flat = int(frac.isnan().sum())
+        print(f"{t:6d} | {frac.nanmean():5.2f} ({quartiles})        | {norm:8.1f} | {flat}", flush=True)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,8 @@ def test_signal_fraction_recovers_the_share_of_a_common_direction():
     share = 0.25  # ||E g||^2 / E||g||^2 = 1 / (1 + 3): noise with 3 times the mean's energy
     g = mean + 3**0.5 * noise
     assert abs(signal_fraction(g).mean().item() - share) < 0.02
+    g[:, 0] = 0  # a state the reward is flat at: no gradient to split
+    assert signal_fraction(g)[0].isnan() and not signal_fraction(g)[1:].isnan().any()
 
 
 def test_continuation_gradients_agree_at_the_deterministic_last_step_and_not_from_x_T():
