@@ -70,13 +70,14 @@ def continuation_gradients(
     gen = torch.Generator().manual_seed(seed)
     pairs = timestep_pairs(base.scheduler, cfg.steps)
     cm, ym = c.repeat(m), y.repeat(m)
+    ym_in = None if y_in is None else ym
     out = []
     for k, state in enumerate(states):
         x_k = state.repeat(m, *[1] * (state.dim() - 1)).requires_grad_(True)
         x = x_k
         for t, t_prev in pairs[k:]:
             z = torch.randn(x.shape, generator=gen)
-            x = ddim_cfg_step(base, x, t, t_prev, z, cm, cfg, None if y_in is None else ym, y_null)
+            x = ddim_cfg_step(base, x, t, t_prev, z, cm, cfg, ym_in, y_null)
         log_p = reward.log_prob(base.decode(x).clamp(-1, 1), ym)
         (g,) = torch.autograd.grad(log_p.sum(), x_k)
         g = g.view(m, len(c), -1)
