@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers.optimization import get_constant_schedule_with_warmup
 from safetensors.torch import load_file
 
+import ctrldiff.finetune as ft
 from ctrldiff.control import add_control
 from ctrldiff.finetune import draw_batch, finetune
 from ctrldiff.io import read_json
@@ -40,16 +42,63 @@ def test_updates_move_the_parameters_keep_null_zero_and_log(tmp_path):
     assert result["history"][1]["reward_queries"] == 4
 
 
-@pytest.mark.parametrize("warmup", [0, 4])  # with a warm-up, its state is restored too
-def test_resume_continues_from_the_saved_update_and_matches_an_uninterrupted_run(tmp_path, warmup):
-    full, _ = run(3, tmp_path / "full", warmup_updates=warmup)
-    _, killed = run(2, tmp_path / "ckpt", warmup_updates=warmup)  # "killed" after update 2
+def kill_after(monkeypatch, update: int) -> None:
+    """Interrupt the next run right after its checkpoint of `update` is written."""
+    save = ft.save_checkpoint
+
+    def save_then_die(directory, model, opt, done, *args):
+        save(directory, model, opt, done, *args)
+        if done == update:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ft, "save_checkpoint", save_then_die)
+
+
+@pytest.mark.parametrize(  # the rate schedule is rebuilt at the resumed update, mid-warm-up or mid-decay
+    "schedule", [{}, {"warmup_updates": 4}, {"warmup_updates": 1, "decay_updates": 2}]
+)
+def test_resume_continues_from_the_saved_update_and_matches_an_uninterrupted_run(
+    tmp_path, monkeypatch, schedule
+):
+    full, uninterrupted = run(3, tmp_path / "full", **schedule)
+    with monkeypatch.context() as m:
+        kill_after(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            run(3, tmp_path / "ckpt", **schedule)
     assert read_json(tmp_path / "ckpt/state.json")["update"] == 2
-    resumed, result = run(3, tmp_path / "ckpt", warmup_updates=warmup)
+    resumed, result = run(3, tmp_path / "ckpt", **schedule)
     assert result["start_update"] == 2 and [h["update"] for h in result["history"]] == [1, 2, 3]
-    assert result["history"][:2] == killed["history"]  # the log before the interruption is kept
+    assert [h["lr_lora"] for h in result["history"]] == [h["lr_lora"] for h in uninterrupted["history"]]
     for name, p in trainable(full).items():
         torch.testing.assert_close(trainable(resumed)[name], p)
+
+
+def rates(result) -> list[float]:
+    """The LoRA rate of each update, as a fraction of finetune.lr_lora."""
+    return [h["lr_lora"] / micro_finetune().lr_lora for h in result["history"]]
+
+
+def test_the_rate_warms_up_holds_then_decays_linearly_towards_zero(tmp_path):
+    _, result = run(5, tmp_path / "ckpt", warmup_updates=2, decay_updates=2)
+    assert rates(result) == pytest.approx([0.0, 0.5, 1.0, 1.0, 0.5])
+
+
+def test_without_decay_the_rates_are_diffusers_constant_schedule_with_warmup(tmp_path):
+    """The default schedule is unchanged from the one the committed pipeline results were trained with."""
+    _, result = run(6, tmp_path / "ckpt", warmup_updates=4)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    reference = get_constant_schedule_with_warmup(opt, 4)
+    assert rates(result) == pytest.approx([reference.lr_lambdas[0](u) for u in range(6)])
+
+
+def test_a_cool_down_appended_to_a_finished_run_resumes_it(tmp_path):
+    run(3, tmp_path / "ckpt")  # a finished run at a constant rate
+    appended, result = run(5, tmp_path / "ckpt", decay_updates=2)
+    assert result["start_update"] == 3
+    assert rates(result) == pytest.approx([1.0, 1.0, 1.0, 1.0, 0.5])
+    planned, _ = run(5, tmp_path / "planned", decay_updates=2)  # the same schedule from the start
+    for name, p in trainable(planned).items():
+        torch.testing.assert_close(trainable(appended)[name], p)
 
 
 def test_accumulated_micro_batches_give_the_gradient_of_one_batch_of_the_same_trajectories(

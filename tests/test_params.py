@@ -41,6 +41,7 @@ def test_shipped_params_files_are_valid():
         ({"label.binning": "thresholds", "label.thresholds": [800]}, "label.thresholds"),
         ({"finetune.grad_steps": 11}, "finetune.grad_steps"),  # window longer than the rollout
         ({"finetune.lora_targets": []}, "finetune.lora_targets"),
+        ({"finetune.decay_updates": 90}, "finetune.decay_updates"),  # 20 warm-up + 90 > 100 updates
         ({"baselines.dps": []}, "baselines.dps"),  # a sweep needs at least one scale
         ({"efficiency.sizes": [250, 5]}, "efficiency.sizes"),  # too few labelled images to split
         ({"multitask.weights": [1.0]}, "multitask.weights"),  # one weight per task

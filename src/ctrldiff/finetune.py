@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers.optimization import get_constant_schedule_with_warmup
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
+from transformers.optimization import get_wsd_schedule
 
 from ctrldiff import ctrl, ddim, sampling
 from ctrldiff.control import ControlledModel
@@ -59,23 +59,20 @@ def _trainable(model: ControlledModel) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(
-    directory: Path, model: ControlledModel, opt, sched, update: int, fingerprint: str, history: list[dict]
+    directory: Path, model: ControlledModel, opt, update: int, fingerprint: str, history: list[dict]
 ) -> None:
-    """Trainable weights, optimizer and warm-up state, the update count and the log so far, atomically."""
+    """Trainable weights, optimizer state, the update count and the log so far, atomically."""
     with atomic_dir(directory) as tmp:
         save_file(
             {n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()},
             tmp / "trainable.safetensors",
         )
         torch.save(opt.state_dict(), tmp / "optimizer.pt")
-        torch.save(sched.state_dict(), tmp / "lr_scheduler.pt")
         (tmp / "state.json").write_text(json.dumps({"update": update, "config": fingerprint}))
         (tmp / "history.json").write_text(json.dumps(history))
 
 
-def load_checkpoint(
-    directory: Path, model: ControlledModel, opt, sched, fingerprint: str
-) -> tuple[int, list[dict]]:
+def load_checkpoint(directory: Path, model: ControlledModel, opt, fingerprint: str) -> tuple[int, list[dict]]:
     """Restore a checkpoint of the same configuration: (the update to continue from, the log so far)."""
     state_path = directory / "state.json"
     if not state_path.is_file():
@@ -89,7 +86,6 @@ def load_checkpoint(
         for name, p in _trainable(model).items():
             p.copy_(weights[name])
     opt.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=False))
-    sched.load_state_dict(torch.load(directory / "lr_scheduler.pt", weights_only=False))
     history_path = directory / "history.json"
     history = json.loads(history_path.read_text()) if history_path.is_file() else []
     return state["update"], history[: state["update"]]
@@ -161,8 +157,6 @@ def finetune(
         weight_decay=cfg.weight_decay,
     )
     opt = accelerator.prepare(opt)
-    # Stepped once per update by hand (accelerate's wrapper would step once per process).
-    sched = get_constant_schedule_with_warmup(opt, cfg.warmup_updates)
     rollout_cfg = RolloutConfig(
         sampler_params.steps,
         sampler_params.eta,
@@ -172,8 +166,11 @@ def finetune(
     )
     sampler = SamplerConfig(sampler_params.steps, sampler_params.eta, sampler_params.guidance_scale)
     loss_fn = CTRLLoss(reward, gamma, rollout_cfg, cfg.kl_reduction)
-    # Settings that change what an update computes; `updates` may grow and a run still resumes.
-    recipe = cfg.model_dump(exclude={"updates", "checkpoint_every", "probe_every", "probe_per_class"})
+    # Settings that change what an update computes. `updates` may grow and a run still resumes, and
+    # so may `decay_updates`: a cool-down can be appended to a finished run.
+    recipe = cfg.model_dump(
+        exclude={"updates", "decay_updates", "checkpoint_every", "probe_every", "probe_per_class"}
+    )
     fingerprint = config_hash(
         recipe,
         sampler_params,
@@ -183,7 +180,13 @@ def finetune(
         weights_hash(reward, base.unet),  # before any update: the base and the fresh LoRA
         code_hash(),
     )
-    start, history = load_checkpoint(checkpoint_dir, model, opt, sched, fingerprint)
+    start, history = load_checkpoint(checkpoint_dir, model, opt, fingerprint)
+    # Both rates: linear warm-up, constant, linear decay to 0 over the last `decay_updates`. A function
+    # of the update alone, built at `start` from the current settings (so it is not checkpointed), and
+    # stepped once per update by hand (accelerate's wrapper would step once per process).
+    sched = get_wsd_schedule(
+        opt, cfg.warmup_updates, cfg.decay_updates, cfg.updates, decay_type="linear", last_epoch=start - 1
+    )
     trajectories = cfg.batch_size * accelerator.num_processes * cfg.grad_accumulation
     if accelerator.is_main_process:
         print(
@@ -236,6 +239,7 @@ def finetune(
             k: float(accelerator.reduce(torch.tensor(v, device=device), "mean")) for k, v in stats_sum.items()
         }
         stats_sum["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm))
+        stats_sum["lr_lora"] = opt.param_groups[0]["lr"]  # the rate this update steps with
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -249,6 +253,6 @@ def finetune(
         if accelerator.is_main_process and (
             (update + 1) % cfg.checkpoint_every == 0 or update + 1 == cfg.updates
         ):
-            save_checkpoint(checkpoint_dir, model, opt, sched, update + 1, fingerprint, history)
+            save_checkpoint(checkpoint_dir, model, opt, update + 1, fingerprint, history)
         accelerator.wait_for_everyone()
     return {"start_update": start, "history": history, "trajectories_per_update": trajectories}

@@ -167,6 +167,9 @@ class FinetuneParams(_Section):
     lr_embedding: float = Field(3e-2, gt=0)
     # Linear learning-rate warm-up: Adam's first steps move every coordinate by the full rate.
     warmup_updates: int = Field(0, ge=0)
+    # Linear decay of both rates to 0 over the last updates (0: constant after the warm-up). It averages
+    # the gradient noise a constant rate leaves the run on (README, "CTRL against its targets").
+    decay_updates: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
@@ -179,6 +182,15 @@ class FinetuneParams(_Section):
     checkpoint_every: int = Field(25, ge=1)
     probe_every: int = Field(10, ge=1)
     probe_per_class: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> FinetuneParams:
+        if self.decay_updates and self.warmup_updates + self.decay_updates > self.updates:
+            raise ValueError(
+                f"finetune.warmup_updates ({self.warmup_updates}) + finetune.decay_updates "
+                f"({self.decay_updates}) exceed finetune.updates ({self.updates})"
+            )
+        return self
 
 
 class BaselinesParams(_Section):
