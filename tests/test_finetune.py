@@ -68,6 +68,7 @@ def test_resume_continues_from_the_saved_update_and_matches_an_uninterrupted_run
     assert read_json(tmp_path / "ckpt/state.json")["update"] == 2
     resumed, result = run(3, tmp_path / "ckpt", **schedule)
     assert result["start_update"] == 2 and [h["update"] for h in result["history"]] == [1, 2, 3]
+    assert result["history"][:2] == uninterrupted["history"][:2]  # the log before the interruption is kept
     assert [h["lr_lora"] for h in result["history"]] == [h["lr_lora"] for h in uninterrupted["history"]]
     for name, p in trainable(full).items():
         torch.testing.assert_close(trainable(resumed)[name], p)
