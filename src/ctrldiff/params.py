@@ -167,8 +167,8 @@ class FinetuneParams(_Section):
     lr_embedding: float = Field(3e-2, gt=0)
     # Linear learning-rate warm-up: Adam's first steps move every coordinate by the full rate.
     warmup_updates: int = Field(0, ge=0)
-    # Linear decay of both rates to 0 over the last updates (0: constant after the warm-up). It averages
-    # the gradient noise a constant rate leaves the run on (README, "CTRL against its targets").
+    # Linear decay of both rates to 0 over the last updates (0: constant after the warm-up). It halves the
+    # rollout KL and pays in accuracy only late in a long run (README, "CTRL against its targets").
     decay_updates: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
