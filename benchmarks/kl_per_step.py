@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctrldiff import ctrl
 from ctrldiff.base import load_base
 from ctrldiff.classifier import Classifier
 from ctrldiff.control import load_control
@@ -31,23 +30,11 @@ from ctrldiff.sampling import request_noise
 
 
 def kl_per_step(model, c: torch.Tensor, y: int, seeds: list[int], cfg: RolloutConfig) -> tuple:
-    """(mean KL of each stochastic step, the images): records what ``rollout`` passes to gaussian_kl."""
-    recorded: list[torch.Tensor] = []
-    original = ctrl.gaussian_kl
-
-    def recording(*args):
-        kl = original(*args)
-        recorded.append(kl.detach())
-        return kl
-
-    ctrl.gaussian_kl = recording  # rollout calls it once per step with sigma > 0
-    try:
-        noise = request_noise(seeds, model.base.sample_shape, cfg.steps)
-        with torch.no_grad():
-            images, _, _ = rollout(model, c, torch.full_like(c, y), noise, cfg)
-    finally:
-        ctrl.gaussian_kl = original
-    return torch.stack(recorded).mean(1).tolist(), to_uint8(images)
+    """(mean KL of each stochastic step over the trajectories, the images), as ``rollout`` computes them."""
+    noise = request_noise(seeds, model.base.sample_shape, cfg.steps)
+    with torch.no_grad():
+        images, _, kl_steps = rollout(model, c, torch.full_like(c, y), noise, cfg)
+    return kl_steps.mean(0).tolist(), to_uint8(images)
 
 
 def main() -> None:

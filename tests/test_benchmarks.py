@@ -21,19 +21,18 @@ from ctrldiff.sampling import SamplerConfig, request_noise, sample
 from tests.conftest import micro_base, micro_reward
 
 
-def test_kl_per_step_adds_up_to_the_trajectory_kl_of_a_rollout():
+def test_kl_per_step_matches_the_step_by_step_kl_of_the_control_window():
     model = add_control(micro_base(), [0, 1], lora_rank=2)
     with torch.no_grad():
         model.y_embedding.weight[0].normal_()  # a control that moves the means
     cfg = RolloutConfig(steps=4, grad_steps=4)
     c, seeds = torch.tensor([0, 1, 2]), [5, 6, 7]
     steps, pixels = kl_per_step(model, c, 0, seeds, cfg)
-    noise = request_noise(seeds, model.base.sample_shape, cfg.steps)
-    with torch.no_grad():
-        _, _, total = rollout(model, c, torch.zeros_like(c), noise, cfg)
     assert len(steps) == cfg.steps - 1  # the last step is deterministic: no KL
-    assert sum(steps) > 0
-    torch.testing.assert_close(torch.tensor(sum(steps)), total.mean(), rtol=1e-5, atol=1e-6)
+    assert min(steps) > 0
+    # the same trajectories through the sampler's step-by-step path, control on every step
+    _, kl = windowed_sample(model, c, torch.zeros_like(c), seeds, SamplerConfig(steps=4), first=cfg.steps)
+    torch.testing.assert_close(torch.tensor(steps), torch.tensor(kl.mean(0)), rtol=1e-5, atol=1e-6)
     assert pixels.shape[0] == 3 and pixels.dtype.name == "uint8"
 
 
@@ -55,8 +54,8 @@ def test_control_window_is_the_base_at_zero_steps_and_the_fine_tuned_model_at_al
     torch.testing.assert_close(images, sample(base, c, seeds, cfg, y, model.y_null))
     noise = request_noise(seeds, base.sample_shape, cfg.steps)
     with torch.no_grad():
-        _, _, total = rollout(model, c, y, noise, RolloutConfig(steps=4, grad_steps=4))
-    torch.testing.assert_close(torch.tensor(kl.sum(1)), total, rtol=1e-5, atol=1e-6)
+        _, _, kl_steps = rollout(model, c, y, noise, RolloutConfig(steps=4, grad_steps=4))
+    torch.testing.assert_close(torch.tensor(kl), kl_steps, rtol=1e-5, atol=1e-6)
     _, kl = windowed_sample(model, c, y, seeds, cfg, first=2)
     assert (kl[:, :2] > 0).all() and (kl[:, 2:] == 0).all()
 

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.distributions import MultivariateNormal, kl_divergence
@@ -37,8 +39,19 @@ def test_kl_is_zero_at_initialisation():
     model = add_control(micro_base(), [0, 1, 2, 3], lora_rank=4)
     noise = request_noise([1, 2, 3], (1, 8, 8), CFG.steps)
     with torch.no_grad():
-        _, kl_window, kl_total = rollout(model, torch.tensor([0, 1, 2]), torch.tensor([3, 0, 1]), noise, CFG)
-    assert kl_total.abs().max() < 1e-8 and kl_window.abs().max() < 1e-8
+        _, kl_window, kl_steps = rollout(model, torch.tensor([0, 1, 2]), torch.tensor([3, 0, 1]), noise, CFG)
+    assert kl_steps.shape == (3, CFG.steps - 1)  # the last step is deterministic: no KL
+    assert kl_steps.abs().max() < 1e-8 and kl_window.abs().max() < 1e-8
+
+
+def test_a_deterministic_sampler_has_no_kl_steps():
+    model = add_control(micro_base(), [0, 1], lora_rank=2)
+    noise = request_noise([1, 2], (1, 8, 8), CFG.steps)
+    with torch.no_grad():
+        _, kl_window, kl_steps = rollout(
+            model, torch.tensor([0, 1]), torch.tensor([1, 0]), noise, replace(CFG, eta=0.0)
+        )
+    assert kl_steps.shape == (2, 0) and (kl_window == 0).all()
 
 
 def test_gradients_reach_lora_and_embedding_but_not_frozen_weights():
@@ -94,8 +107,8 @@ def test_kl_gradient_is_the_pathwise_derivative_of_the_trajectory_kl(checkpointi
     c, y = torch.tensor([0, 1, 2]), torch.tensor([1, 0, 1])
 
     def trajectory_kl() -> torch.Tensor:
-        _, kl_window, kl_total = rollout(model, c, y, noise, cfg, "sum")
-        return (kl_window if torch.is_grad_enabled() else kl_total).sum()
+        _, kl_window, kl_steps = rollout(model, c, y, noise, cfg, "sum")
+        return (kl_window if torch.is_grad_enabled() else kl_steps).sum()
 
     trajectory_kl().backward()
     direction = torch.randn_like(w)

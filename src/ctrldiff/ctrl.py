@@ -53,8 +53,10 @@ def rollout(
     kl_reduction: str = "sum",
     unet: torch.nn.Module | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample x0 for (c, y) from ``noise`` (N, steps + 1, ...); return (image, KL in window, KL total).
+    """Sample x0 for (c, y) from ``noise`` (N, steps + 1, ...); return (image, KL in window, KL per step).
 
+    The KL in the window carries the gradient; the KL of every stochastic step, (N, steps - 1), is
+    detached: its row sums are the trajectory KL, its columns show where the control spends it.
     ``unet`` is the module to run for the fine-tuned policy (e.g. the DDP-wrapped one); the frozen
     reference always runs the unwrapped module with adapters disabled and y = NULL.
     """
@@ -65,7 +67,7 @@ def rollout(
     first_grad = len(pairs) - cfg.grad_steps
     x = noise[:, 0]
     kl_window = x.new_zeros(len(x))
-    kl_total = x.new_zeros(len(x))
+    kl_steps = []
 
     def reference_eps(x: torch.Tensor, t: int) -> torch.Tensor:
         with model.reference():  # inside, so a checkpointed recomputation also runs the frozen model
@@ -91,11 +93,12 @@ def rollout(
                     eps_ref = reference_eps(x, t)
                 mean_ref, _, _ = ddim_step(base.scheduler, x, eps_ref, t, t_prev, cfg.eta)
                 kl = gaussian_kl(mean, mean_ref, sigma, kl_reduction)
-                kl_total = kl_total + kl.detach()
+                kl_steps.append(kl.detach())
                 if with_grad:
                     kl_window = kl_window + kl
             x = mean + sigma * noise[:, k + 1]
-    return base.decode(x), kl_window, kl_total
+    kl_steps = torch.stack(kl_steps, 1) if kl_steps else x.new_zeros(len(x), 0)  # eta = 0: no KL
+    return base.decode(x), kl_window, kl_steps
 
 
 class CTRLLoss:
@@ -119,13 +122,13 @@ class CTRLLoss:
         unet: torch.nn.Module | None = None,
     ) -> tuple[torch.Tensor, dict, torch.Tensor]:
         """(loss, logged statistics, the generated images detached)."""
-        x0, kl_window, kl_total = rollout(model, c, y, noise, self.cfg, self.kl_reduction, unet)
+        x0, kl_window, kl_steps = rollout(model, c, y, noise, self.cfg, self.kl_reduction, unet)
         log_p = self.reward.log_prob(x0.clamp(-1, 1), y)
         loss = (-self.gamma * log_p + kl_window).mean()
         stats = {
             "loss": loss.item(),
             "reward": log_p.mean().item(),
             "accuracy_reward_clf": (self.reward(x0).argmax(-1) == y).float().mean().item(),
-            "kl": kl_total.mean().item(),
+            "kl": kl_steps.sum(1).mean().item(),
         }
         return loss, stats, x0.detach()
