@@ -308,7 +308,8 @@ def fit_task(
     x_val, y_val, _ = task_tensors(table, meta, task, "val")
     n_real_train, n_real_val = len(x_train), len(x_val)
     train_weights = val_weights = None
-    if "score" in spec and cfg.copies:  # only a task with an oracle can label copies
+    copies = cfg.copies if "score" in spec else 0  # only a task with an oracle can label copies
+    if copies:
         x_train, y_train = with_labelled_copies(x_train, y_train, spec, cfg, seed)
         x_val, y_val = with_labelled_copies(x_val, y_val, spec, cfg, seed + 1)
         train_weights = real_prior_weights(y_train, n_real_train, len(classes))
@@ -340,7 +341,7 @@ def fit_task(
         "task": task,
         "n_train": len(x_train),
         "n_val": len(x_val),
-        "copies": cfg.copies if "score" in spec else 0,
+        "copies": copies,
         "train_accuracy": train_acc,
         "val_accuracy": report["accuracy"],
         "val_accuracy_real": float((pred[:n_real_val] == y_val[:n_real_val]).float().mean()),

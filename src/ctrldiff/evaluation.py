@@ -99,9 +99,10 @@ def fidelity(
     """
     feats, preds = features_and_predictions(digit_clf, pixels)
     per_class = [frechet_distance(feats[c == k], real_feats[real_c == k]) for k in np.unique(c)]
-    out = {"c_accuracy": float((preds == c).mean()), "frechet": float(np.mean(per_class))}
+    correct = preds == c
+    out = {"c_accuracy": float(correct.mean()), "frechet": float(np.mean(per_class))}
     if y is not None:
-        out["c_accuracy_per_y"] = [float((preds == c)[y == k].mean()) for k in range(int(y.max()) + 1)]
+        out["c_accuracy_per_y"] = [float(correct[y == k].mean()) for k in range(int(y.max()) + 1)]
     return out
 
 

@@ -13,6 +13,7 @@ whose faint background haze a CNN trained on black backgrounds misjudges (README
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -63,6 +64,17 @@ def ordinal_log_probs(size: torch.Tensor, thresholds: torch.Tensor, scale: torch
     return log_p.flip(1)  # ascending bins are the smallest sizes first: the highest class first
 
 
+def soft_abs(z: torch.Tensor) -> torch.Tensor:
+    """|z|, smoothed at 0 so that its gradient stays finite."""
+    return (z * z + 1e-6).sqrt()
+
+
+@torch.no_grad()
+def _in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, size: int = 1024) -> torch.Tensor:
+    """fn over x in chunks of ``size`` rows, without autograd: bounded memory on a whole dataset."""
+    return torch.cat([fn(x[i : i + size]) for i in range(0, len(x), size)])
+
+
 class JpegSizeNet(nn.Module):
     """Single-channel images in [-1, 1] -> class log-probabilities, through a predicted JPEG size."""
 
@@ -91,12 +103,12 @@ class JpegSizeNet(nn.Module):
         summed over blocks; the bits of the DC differences (DC is coded as a difference to the
         previous block's); the soft count of blocks with no nonzero AC coefficient."""
         z = self.coefficients(x)
-        magnitude = (z * z + 1e-6).sqrt()
+        magnitude = soft_abs(z)
         nonzero = torch.sigmoid((magnitude - 0.5) / self.softness)  # rounds to a nonzero integer
         bits = torch.log2(1 + magnitude) * nonzero
         dc = z[..., 0]
         dc_step = torch.diff(dc, dim=1, prepend=torch.zeros_like(dc[:, :1]))
-        dc_bits = torch.log2(1 + (dc_step * dc_step + 1e-6).sqrt()).sum(1, keepdim=True)
+        dc_bits = torch.log2(1 + soft_abs(dc_step)).sum(1, keepdim=True)
         empty = torch.prod(1 - nonzero[..., 1:], -1).sum(1, keepdim=True)
         return torch.cat([nonzero.sum(1), bits.sum(1), dc_bits, empty], 1)
 
@@ -122,8 +134,7 @@ def fit_jpeg_size(
     standardised for the optimiser; the standardisation is folded back into the weights.
     """
     net = JpegSizeNet(quality, thresholds)
-    with torch.no_grad():
-        feats = torch.cat([net.features(x[i : i + 1024]) for i in range(0, len(x), 1024)]).double()
+    feats = _in_chunks(net.features, x).double()
     mean, sd = feats.mean(0), feats.std(0).clamp(min=1e-6)
     std_feats = (feats - mean) / sd
     cuts = net.thresholds.double()
@@ -154,8 +165,7 @@ def fit_jpeg_size(
 
 def size_errors(net: JpegSizeNet, x: torch.Tensor, sizes: np.ndarray) -> dict:
     """Bias and spread, in bytes, of the predicted sizes against the oracle's."""
-    with torch.no_grad():
-        pred = torch.cat([net.size(x[i : i + 1024]) for i in range(0, len(x), 1024)]).numpy()
+    pred = _in_chunks(net.size, x).numpy()
     err = pred - np.asarray(sizes, dtype=float)
     return {
         "bias_bytes": float(err.mean()),
