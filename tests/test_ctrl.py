@@ -66,7 +66,20 @@ def test_gradients_reach_lora_and_embedding_but_not_frozen_weights():
     frozen = [p for n, p in model.base.unet.named_parameters() if "lora_" not in n and "class_emb" not in n]
     assert all(p.grad is None for p in frozen)
     assert all(p.grad is None for p in model.base.encoder.parameters())
-    assert set(stats) >= {"loss", "reward", "kl"}
+    assert set(stats) >= {"loss", "reward", "kl", "kl_last_step"}
+
+
+def test_the_last_steps_kl_is_logged_as_a_part_of_the_trajectory_kl():
+    model = add_control(micro_base(), [0, 1], lora_rank=2)
+    with torch.no_grad():
+        model.y_embedding.weight[:2].normal_()  # a control that moves the means at every step
+    noise = request_noise([1, 2, 3], (1, 8, 8), CFG.steps)
+    c, y = torch.tensor([0, 1, 2]), torch.tensor([1, 0, 1])
+    _, stats, _ = CTRLLoss(reward(2), 1.0, CFG)(model, c, y, noise)
+    with torch.no_grad():
+        _, _, kl_steps = rollout(model, c, y, noise, CFG)
+    assert 0 < stats["kl_last_step"] < stats["kl"]
+    torch.testing.assert_close(torch.tensor(stats["kl_last_step"]), kl_steps[:, -1].mean())
 
 
 def test_checkpointing_gives_the_same_gradients():
