@@ -130,7 +130,7 @@ class CTRLLoss:
             "reward": log_p.mean().item(),
             "accuracy_reward_clf": (self.reward(x0).argmax(-1) == y).float().mean().item(),
             "kl": kl_steps.sum(1).mean().item(),
-            # the step into t = 0 (sigma about one 8-bit level): where edits of texture spend the KL
+            # the last stochastic step, into t = 0: the smallest sigma, where edits of texture spend the KL
             "kl_last_step": kl_steps[:, -1].mean().item() if kl_steps.shape[1] else 0.0,
         }
         return loss, stats, x0.detach()
