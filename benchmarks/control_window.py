@@ -43,7 +43,7 @@ class ControlWindow:
         self.index = {t: k for k, (t, _) in enumerate(timestep_pairs(model.base.scheduler, steps))}
         self.kl: list[torch.Tensor] = []
 
-    def __call__(self, base, x, t, t_prev, z, c, cfg, y, y_null):
+    def __call__(self, base, x, t, t_prev, z, c, cfg, y, y_null, seeds=None):
         with self.model.reference():
             eps_ref = guided_eps(base, x, t, c, cfg.guidance_scale, torch.full_like(y, y_null), y_null)
         mean_ref, sigma, _ = ddim_step(base.scheduler, x, eps_ref, t, t_prev, cfg.eta)
@@ -77,11 +77,11 @@ def main() -> None:
     model = load_control(load_base(args.models / "base"), args.ctrl)
     reward = load_reward(meta, args.models)
     digit = Classifier.load(args.models / "classifier" / "digit")
-    s = params.sample
-    cfg = SamplerConfig(s.steps, s.eta, s.guidance_scale)
+    s, ro = params.sample, params.finetune.rollout  # the requests of `sample`, CTRL's own sampler
+    cfg = SamplerConfig(ro.steps, ro.eta, ro.guidance_scale)
     req = balanced_requests(len(model.base.classes), num_joint_classes(meta), s.n_per_request, s.seed)
     c, y = torch.tensor(req.c.to_numpy()), torch.tensor(req.y.to_numpy())
-    print(f"control on the first j of {s.steps} steps, the base after; the {len(req)} requests of `sample`")
+    print(f"control on the first j of {ro.steps} steps, the base after; the {len(req)} requests of `sample`")
     print("  j | accuracy | macro-F1 | c_acc | E log p̂ |  KL | KL_t per stochastic step")
     for first in args.first:
         batches = [slice(i, i + s.batch_size) for i in range(0, len(req), s.batch_size)]

@@ -63,7 +63,7 @@ def one(args: argparse.Namespace) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # imports only: weights count too
     params = load_params("params.yaml")
-    ft, sp = params.finetune, params.sample
+    ft, sp = params.finetune, params.finetune.rollout
     base = load_base(args.base)
     frozen = copy.deepcopy(base.unet).requires_grad_(False) if args.reference == "copy" else None
     control = add_control(base, list(range(4)), ft.lora_rank, ft.lora_targets)
@@ -83,7 +83,7 @@ def one(args: argparse.Namespace) -> dict:
     def update(u: int) -> None:
         c, y, seeds = draw_batch(u, 0, 0, args.batch, len(base.classes), 4)
         noise = request_noise(seeds, base.sample_shape, cfg.steps).to(device)
-        loss, _, _ = loss_fn(control, c.to(device), y.to(device), noise)
+        loss, _ = loss_fn(control, c.to(device), y.to(device), noise, full_kl=args.kl == "full")
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -105,9 +105,11 @@ def unet_mib(unet: torch.nn.Module) -> float:
     return sum(p.numel() * p.element_size() for p in unet.parameters()) / 2**20
 
 
-def run(args: argparse.Namespace, reference: str, k: int, checkpointing: bool = False) -> dict:
+def run(
+    args: argparse.Namespace, reference: str, k: int, checkpointing: bool = False, kl: str = "window"
+) -> dict:
     cmd = [
-        sys.executable, __file__, "--one", "--reference", reference, "--k", str(k),
+        sys.executable, __file__, "--one", "--reference", reference, "--k", str(k), "--kl", kl,
         "--batch", str(args.batch), "--updates", str(args.updates), "--base", args.base,
         "--classifier", args.classifier,
     ] + (["--checkpointing"] if checkpointing else [])  # fmt: skip
@@ -126,6 +128,12 @@ def main() -> None:
     parser.add_argument("--reference", default="adapters-off", help=argparse.SUPPRESS)
     parser.add_argument("--k", type=int, default=5, help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--kl", default="window", choices=["window", "full"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--kl-compare",
+        action="store_true",
+        help="only: the frozen reference on every stochastic step (full) against the gradient window only",
+    )
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one(args)))
@@ -133,6 +141,15 @@ def main() -> None:
 
     k = load_params("params.yaml").finetune.grad_steps
     print(f"one CTRL update, batch {args.batch}, base {args.base}, torch threads {torch.get_num_threads()}")
+    if args.kl_compare:
+        full, window = run(args, "adapters-off", k, kl="full"), run(args, "adapters-off", k, kl="window")
+        print(f"\nfrozen reference at K = {k}            s/update   peak MiB")
+        print(f"on every stochastic step (before)  {full['s_per_update']:>9.2f} {full['peak_mib']:>10.1f}")
+        print(
+            f"in the gradient window only (now)  {window['s_per_update']:>9.2f} {window['peak_mib']:>10.1f}"
+        )
+        print(f"ratio before / now                 {full['s_per_update'] / window['s_per_update']:>9.2f}")
+        return
     off, deep = run(args, "adapters-off", k), run(args, "copy", k)
     print(f"\nreference at K = {k}      peak MiB   s/update")
     print(f"adapters disabled      {off['peak_mib']:>9.1f} {off['s_per_update']:>10.2f}")

@@ -61,9 +61,9 @@ def continuation_gradients(
     y_in = None if y_null is None else y
     states: list[torch.Tensor] = []
 
-    def record(model: BaseModel, x: torch.Tensor, *args) -> torch.Tensor:
+    def record(model: BaseModel, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         states.append(x)
-        return ddim_cfg_step(model, x, *args)
+        return ddim_cfg_step(model, x, *args, **kwargs)
 
     with torch.no_grad():
         sample(base, c, seeds, cfg, y_in, y_null, record)

@@ -46,7 +46,7 @@ def main() -> None:
     params = load_params("params.yaml")
     model = load_control(load_base(args.models / "base"), args.ctrl)
     digit = Classifier.load(args.models / "classifier" / "digit")
-    s = params.sample
+    s = params.finetune.rollout  # the sampler CTRL was trained with
     cfg = RolloutConfig(s.steps, s.eta, s.guidance_scale, grad_steps=s.steps)
     pairs = [p for p in timestep_pairs(model.base.scheduler, s.steps) if p[1] >= 0]
     c = torch.arange(args.n) % len(model.base.classes)

@@ -2,6 +2,7 @@
 with and without gradient checkpointing (the paper-scale code path: latent rollouts, VAE decode, prompts).
 
     python benchmarks/tiny_sd_memory.py [--latent 32] [--batch 4] [--steps 50] [--ks 1 5 10 25 50]
+    python benchmarks/tiny_sd_memory.py --kl-compare [--k 10]   # the frozen reference: everywhere vs window
 
 Builds the tiny pipeline (random weights, nothing downloaded) and a random 3-channel reward classifier
 in a temporary folder, writes paper/params.yaml there with only the paths and sizes changed, and runs
@@ -36,6 +37,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10, 25, 50])
+    parser.add_argument("--k", type=int, default=10, help="with --kl-compare: the gradient window")
+    parser.add_argument(
+        "--kl-compare", action="store_true", help="the frozen reference everywhere vs in the window, at --k"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -48,13 +53,14 @@ def main() -> None:
         Classifier(SmallCNN(**arch), arch, meta={"classes": [0, 1, 2, 3]}).save(work / "classifier")
         params = yaml.safe_load((ROOT / "paper/params.yaml").read_text())
         params["base"] |= {"pretrained": str(sd)}
-        params["sample"]["steps"] = args.steps
-        params["finetune"] |= {"mixed_precision": "no", "grad_steps": min(args.ks)}
+        params["finetune"]["rollout"]["steps"] = args.steps
+        k = args.k if args.kl_compare else min(args.ks)
+        params["finetune"] |= {"mixed_precision": "no", "grad_steps": k}
         (work / "params.yaml").write_text(yaml.safe_dump(params))
         cmd = [
             os.path.abspath(sys.executable), str(ROOT / "benchmarks/ctrl_update_cost.py"),
             "--base", "models/base", "--classifier", "classifier", "--batch", str(args.batch),
-            "--ks", *map(str, args.ks),
+            "--ks", *map(str, args.ks), *(["--kl-compare"] if args.kl_compare else []),
         ]  # fmt: skip
         side = args.latent
         print(f"tiny SD: {side}x{side}x4 latents, {2 * side}px images, {args.steps} DDIM steps")

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     classes = meta["tasks"]["digit"]["classes"]
     c = torch.tensor(train["c"].map({k: i for i, k in enumerate(classes)}).to_numpy())
 
-    base = build_embedded(params.base, len(classes), meta["resolution"], meta["channels"])
+    base = build_embedded(params.base, len(classes), meta["resolution"], meta["channels"], params.seed)
     start = time.perf_counter()
     losses = train_base(base, x, c, params.base, params.seed)
     seconds = time.perf_counter() - start

@@ -1,11 +1,15 @@
-"""Stage `compare`: every evaluated method side by side, as a Markdown table (metrics/compare.md)."""
+"""Stage `compare`: every evaluated method side by side (metrics/compare.md), and the headline
+scalars in one flat file (metrics/summary.json), so that `dvc metrics diff` is a handful of lines.
+
+The methods are the evaluation files named on the command line (dvc.yaml lists them), in order.
+"""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-from ctrldiff.io import atomic_path, read_json
-from ctrldiff.methods import METHODS
+from ctrldiff.io import atomic_path, read_json, write_json
 
 HEADER = (
     "| method | scale | accuracy | macro-F1 | c_accuracy | Fréchet | denoiser calls / image "
@@ -24,10 +28,29 @@ def row(m: dict) -> str:
     )
 
 
-def main() -> None:
-    found = [read_json(p) for m in METHODS if (p := Path(f"metrics/eval/{m}.json")).is_file()]
-    if not found:
-        raise SystemExit("compare: no metrics/eval/<method>.json yet; run the evaluate stages first")
+def summary(evals: list[dict]) -> dict:
+    """{method: {accuracy, macro_f1, c_accuracy, frechet}}: what a reader compares across runs."""
+    out = {}
+    for m in evals:
+        task, fid = m["tasks"]["compressibility"], m["fidelity"]
+        out[m["method"]] = {
+            "accuracy": round(task["accuracy"], 4),
+            "macro_f1": round(task["macro_f1"], 4),
+            "c_accuracy": round(fid["c_accuracy"], 4),
+            "frechet": round(fid["frechet"], 3),
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("evals", nargs="+", type=Path, help="metrics/eval/<method>.json files")
+    parser.add_argument("--out", default=Path("metrics"), type=Path)
+    args = parser.parse_args(argv)
+    missing = [str(p) for p in args.evals if not p.is_file()]
+    if missing:
+        raise SystemExit(f"compare: missing {', '.join(missing)}; run the evaluate stages first")
+    found = [read_json(p) for p in args.evals]
     ref = found[0]["fidelity"]
     text = (
         "# Compressibility control: every method on the same requests and seeds\n\n"
@@ -37,8 +60,9 @@ def main() -> None:
         + HEADER
         + "".join(row(m) for m in found)
     )
-    with atomic_path("metrics/compare.md") as tmp:
+    with atomic_path(args.out / "compare.md") as tmp:
         tmp.write_text(text)
+    write_json(args.out / "summary.json", summary(found))
     print(text)
 
 

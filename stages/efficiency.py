@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(params.seed)
     ctrl = add_control(load_base("models/base"), classes, ft.lora_rank, ft.lora_targets)
     checkpoint = Path(f"models/efficiency/n{n}_checkpoint")
-    finetune(ctrl, reward, params.gamma, ft, sampler, meta, params.seed, checkpoint)
+    finetune(ctrl, reward, params.gamma, ft, meta, params.seed, checkpoint, code=("stages.efficiency",))
     ctrl_result = evaluate("ctrl", ctrl.base, ddim_cfg_step, ctrl.y_null, None)
     ctrl_result |= {
         "classifier_val_accuracy": clf_metrics["val_accuracy_real"],  # on the held-out real pairs
@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> None:
         y,
         b.cfg_train_steps,
         b.cfg_batch_size,
-        ft.lr_lora,
-        ft.lr_embedding,
+        b.cfg_lr_lora,
+        b.cfg_lr_embedding,
         b.cfg_dropout,
         params.seed,
     )

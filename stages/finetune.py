@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import nullcontext
 
+import torch
+from accelerate import PartialState
 from accelerate.utils import set_seed
 from dvclive import Live
 
@@ -37,47 +40,52 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(params.seed)  # identical LoRA initialisation on every process
     y_classes = list(range(num_joint_classes(label_meta)))
     model = add_control(base, y_classes, params.finetune.lora_rank, params.finetune.lora_targets)
-    checkpoint = setting.checkpoint
     logs = setting.metrics / "finetune"
-    start = time.perf_counter()
+    # Only the main process writes (the log, the adapter, the metrics); the others train and wait.
     # The log is rebuilt from the checkpoint's history on resume: DVC clears it before a stage runs.
-    with Live(str(logs), dvcyaml=None, save_dvc_exp=False) as live:
+    state = PartialState(cpu=not torch.cuda.is_available())  # as finetune's Accelerator: gloo on CPUs
+    start = time.perf_counter()
+    live = Live(str(logs), dvcyaml=None, save_dvc_exp=False) if state.is_main_process else None
+    with live or nullcontext():
         result = finetune(
             model,
             reward,
             params.gamma,
             params.finetune,
-            params.sample,
             label_meta,
             params.seed,
-            checkpoint,
+            setting.checkpoint,
             live,
+            code=("stages.finetune",),
         )
     minutes = (time.perf_counter() - start) / 60
-    with atomic_dir(setting.ctrl) as tmp:
-        model.save(tmp)
+    if state.is_main_process:
+        with atomic_dir(setting.ctrl) as tmp:
+            model.save(tmp)
+        write_json(logs.with_suffix(".json"), summary(result, params.finetune.updates, minutes))
+        last = result["history"][-1] if result["history"] else {}
+        print(
+            f"finetune: {len(result['history'])} updates in {minutes:.1f} min, final reward "
+            f"{last.get('reward')}, KL {last.get('kl')}"
+        )
+    state.wait_for_everyone()
 
+
+def summary(result: dict, updates: int, minutes: float) -> dict:
     history = result["history"]
     probes = [h for h in history if "probe/oracle_accuracy" in h]
     reached = next((h["reward_queries"] for h in probes if h["probe/oracle_accuracy"] >= 0.9), None)
     last = history[-1] if history else {}
-    write_json(
-        logs.with_suffix(".json"),
-        {
-            "updates": params.finetune.updates,
-            "resumed_from_update": result["start_update"],  # 0: trained from scratch in this run
-            "trajectories_per_update": result["trajectories_per_update"],
-            "minutes_this_run": round(minutes, 2),
-            "final_reward": last.get("reward"),
-            "final_kl": last.get("kl"),
-            "final_probe_oracle_accuracy": probes[-1]["probe/oracle_accuracy"] if probes else None,
-            "reward_queries_to_probe_accuracy_0.9": reached,
-        },
-    )
-    print(
-        f"finetune: {len(history)} updates in {minutes:.1f} min, final reward {last.get('reward')}, "
-        f"KL {last.get('kl')}"
-    )
+    return {
+        "updates": updates,
+        "resumed_from_update": result["start_update"],  # 0: trained from scratch in this run
+        "trajectories_per_update": result["trajectories_per_update"],
+        "minutes_this_run": round(minutes, 2),
+        "final_reward": last.get("reward"),
+        "final_kl": last.get("kl"),
+        "final_probe_oracle_accuracy": probes[-1]["probe/oracle_accuracy"] if probes else None,
+        "reward_queries_to_probe_accuracy_0.9": reached,
+    }
 
 
 if __name__ == "__main__":

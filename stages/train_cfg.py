@@ -1,6 +1,7 @@
 """Stage `train_cfg`: the classifier-free guidance baseline, the base fine-tuned on (c, x, y) triples.
 
-Same LoRA + y-embedding as CTRL (finetune.lora_rank / lora_targets / learning rates), trained with
+Same LoRA + y-embedding as CTRL (finetune.lora_rank / lora_targets), its own rates (baselines.cfg_lr_*),
+trained with
 the denoising loss instead of the reward: the only difference between the two is the signal.
 """
 
@@ -37,8 +38,8 @@ def main() -> None:
         y,
         cfg.cfg_train_steps,
         cfg.cfg_batch_size,
-        ft.lr_lora,
-        ft.lr_embedding,
+        cfg.cfg_lr_lora,
+        cfg.cfg_lr_embedding,
         cfg.cfg_dropout,
         params.seed,
     )

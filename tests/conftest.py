@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ctrldiff.base import BaseModel, build_embedded
-from ctrldiff.params import BaseParams, FinetuneParams
+from ctrldiff.params import BaseParams, FinetuneParams, RolloutParams
 
 MICRO = BaseParams(
     block_out_channels=[16, 32],
@@ -22,7 +22,7 @@ MICRO = BaseParams(
 def micro_base(seed: int = 0, num_classes: int = 3) -> BaseModel:
     """A 8x8, 1-channel class-conditional base with random weights (eval mode)."""
     torch.manual_seed(seed)
-    base = build_embedded(MICRO, num_classes=num_classes, resolution=8, channels=1)
+    base = build_embedded(MICRO, num_classes=num_classes, resolution=8, channels=1, seed=seed)
     base.unet.eval()
     return base
 
@@ -55,10 +55,9 @@ LABEL_META = {
 
 
 def micro_finetune(**overrides) -> FinetuneParams:
-    """CTRL settings small enough for a micro base: 2 trajectories, gradients through 2 steps."""
-    return FinetuneParams(
-        **({"batch_size": 2, "grad_steps": 2, "lr_lora": 1e-2, "lr_embedding": 1e-1} | overrides)
-    )
+    """CTRL settings small enough for a micro base: 2 trajectories of 3 steps, gradients through 2."""
+    small = {"rollout": RolloutParams(steps=3), "batch_size": 2, "grad_steps": 2, "lr_lora": 1e-2}
+    return FinetuneParams(**(small | {"lr_embedding": 1e-1} | overrides))
 
 
 def free_port() -> int:

@@ -12,11 +12,29 @@ from safetensors.torch import save_file
 from ctrldiff.base import load_stable_diffusion
 from ctrldiff.control import add_control
 from ctrldiff.finetune import finetune
-from ctrldiff.params import SampleParams
 from tests.conftest import LABEL_META, micro_base, micro_finetune, micro_reward
 
 
+class NanOnRank1:
+    """Wraps a reward: rank 1's log-probabilities are NaN (a loss that goes non-finite on one rank)."""
+
+    def __init__(self, reward):
+        self.reward = reward
+
+    def __getattr__(self, name):
+        return getattr(self.reward, name)
+
+    def __call__(self, x):
+        return self.reward(x)
+
+    def log_prob(self, x, y):
+        log_p = self.reward.log_prob(x, y)
+        return log_p * float("nan") if PartialState().process_index == 1 else log_p
+
+
 def main(out: Path, sd: str | None = None) -> None:
+    nan_on_rank1 = sd == "--nan-on-rank1"
+    sd = None if nan_on_rank1 else sd
     if sd is None:
         base, reward = micro_base(), micro_reward()
     else:  # latent rollouts, VAE decode before the reward, prompts as c
@@ -24,7 +42,7 @@ def main(out: Path, sd: str | None = None) -> None:
     set_seed(0)
     model = add_control(base, [0, 1, 2, 3], lora_rank=2)
     cfg = micro_finetune(updates=3, probe_every=100, checkpoint_every=100)
-    finetune(model, reward, 10.0, cfg, SampleParams(steps=3), LABEL_META, 0, out / "ckpt")
+    finetune(model, NanOnRank1(reward) if nan_on_rank1 else reward, 10.0, cfg, LABEL_META, 0, out / "ckpt")
     state = PartialState()  # initialised by finetune's Accelerator
     params = {n: p.detach().contiguous() for n, p in model.base.unet.named_parameters() if p.requires_grad}
     save_file(params, out / f"rank{state.process_index}.safetensors")

@@ -58,3 +58,21 @@ def test_a_v_prediction_base_trains_and_keeps_its_parameterisation(tmp_path):
     assert loaded.scheduler.config.prediction_type == "v_prediction"
     c = torch.tensor([0, 1])
     torch.testing.assert_close(sample(loaded, c, [4, 5], CFG), sample(base, c, [4, 5], CFG))
+
+
+def test_the_same_params_and_seed_train_the_same_bytes_whatever_ran_before(tmp_path):
+    """`dvc repro -f` retrained `base` to other bytes: the UNet's initial weights came from the global
+    RNG, unseeded. Now they come from the seed alone."""
+    data = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    c = torch.arange(16) % 3
+    for run, warm_up in enumerate((0, 7)):
+        torch.rand(warm_up)  # other work before the stage: the global RNG is elsewhere
+        base = build_embedded(MICRO, num_classes=3, resolution=8, channels=1, seed=4)
+        train_base(base, data, c, MICRO, seed=0)
+        base.save(tmp_path / f"run{run}")
+    files = sorted(p.relative_to(tmp_path / "run0") for p in (tmp_path / "run0").rglob("*") if p.is_file())
+    assert files
+    for f in files:
+        assert (tmp_path / "run0" / f).read_bytes() == (tmp_path / "run1" / f).read_bytes(), f
+    other = build_embedded(MICRO, num_classes=3, resolution=8, channels=1, seed=5)
+    assert not torch.equal(next(other.unet.parameters()), next(base.unet.parameters()))

@@ -79,3 +79,30 @@ def test_unknown_y_is_refused_naming_the_value():
             torch.tensor([1, 9]),
             model.y_null,
         )
+
+
+def test_a_saved_adapter_has_the_same_bytes_in_every_process(tmp_path):
+    """The same tensors saved by two processes with other hash seeds: peft's set of target modules and
+    safetensors' metadata map used to come out in a per-process order."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = (
+        "import sys, torch; from tests.conftest import micro_base; from ctrldiff.control import add_control\n"
+        "torch.manual_seed(0)\n"
+        "m = add_control(micro_base(), [0, 1, 2, 3], 2,"
+        " ['to_q', 'to_k', 'to_v', 'to_out.0', 'conv1', 'conv2'])\n"
+        "m.save(sys.argv[1])\n"
+    )
+    for seed in ("1", "2"):
+        env = os.environ | {"PYTHONHASHSEED": seed, "PYTHONPATH": str(root)}
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / seed)], env=env, check=True, cwd=root)
+    files = sorted(p.relative_to(tmp_path / "1") for p in (tmp_path / "1").rglob("*") if p.is_file())
+    assert len(files) >= 3  # the LoRA weights, the y-embedding, control.json
+    for f in files:
+        assert (tmp_path / "1" / f).read_bytes() == (tmp_path / "2" / f).read_bytes(), f
+    loaded = load_control(micro_base(), tmp_path / "1")  # still loads through diffusers
+    assert loaded.lora_rank == 2

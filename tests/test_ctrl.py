@@ -58,7 +58,8 @@ def test_gradients_reach_lora_and_embedding_but_not_frozen_weights():
     model = add_control(micro_base(), [0, 1, 2, 3], lora_rank=4)
     loss_fn = CTRLLoss(reward(), gamma=10.0, cfg=CFG)
     noise = request_noise([1, 2, 3, 4], (1, 8, 8), CFG.steps)
-    loss, stats, _ = loss_fn(model, torch.tensor([0, 1, 2, 0]), torch.tensor([0, 1, 2, 3]), noise)
+    loss, terms = loss_fn(model, torch.tensor([0, 1, 2, 0]), torch.tensor([0, 1, 2, 3]), noise)
+    stats = terms.stats()
     loss.backward()
     lora, emb = model.trainable_parameters()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
@@ -66,7 +67,7 @@ def test_gradients_reach_lora_and_embedding_but_not_frozen_weights():
     frozen = [p for n, p in model.base.unet.named_parameters() if "lora_" not in n and "class_emb" not in n]
     assert all(p.grad is None for p in frozen)
     assert all(p.grad is None for p in model.base.encoder.parameters())
-    assert set(stats) >= {"loss", "reward", "kl", "kl_last_step"}
+    assert set(stats) >= {"reward", "kl", "kl_window", "kl_last_step", "accuracy_reward_clf"}
 
 
 def test_the_last_steps_kl_is_logged_as_a_part_of_the_trajectory_kl():
@@ -75,7 +76,7 @@ def test_the_last_steps_kl_is_logged_as_a_part_of_the_trajectory_kl():
         model.y_embedding.weight[:2].normal_()  # a control that moves the means at every step
     noise = request_noise([1, 2, 3], (1, 8, 8), CFG.steps)
     c, y = torch.tensor([0, 1, 2]), torch.tensor([1, 0, 1])
-    _, stats, _ = CTRLLoss(reward(2), 1.0, CFG)(model, c, y, noise)
+    stats = CTRLLoss(reward(2), 1.0, CFG)(model, c, y, noise)[1].stats()
     with torch.no_grad():
         _, _, kl_steps = rollout(model, c, y, noise, CFG)
     assert 0 < stats["kl_last_step"] < stats["kl"]
@@ -88,7 +89,7 @@ def test_checkpointing_gives_the_same_gradients():
         model = add_control(micro_base(), [0, 1], lora_rank=2)
         cfg = RolloutConfig(steps=4, grad_steps=3, checkpointing=ckpt)
         noise = request_noise([5, 6], (1, 8, 8), cfg.steps)
-        loss, _, _ = CTRLLoss(reward(2), 5.0, cfg)(model, torch.tensor([0, 1]), torch.tensor([1, 0]), noise)
+        loss, _ = CTRLLoss(reward(2), 5.0, cfg)(model, torch.tensor([0, 1]), torch.tensor([1, 0]), noise)
         loss.backward()
         grads.append(model.trainable_parameters()[1][0].grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
@@ -133,3 +134,45 @@ def test_kl_gradient_is_the_pathwise_derivative_of_the_trajectory_kl(checkpointi
         w -= 2 * h * direction
         down = trajectory_kl()
     torch.testing.assert_close((w.grad * direction).sum(), (up - down) / (2 * h), rtol=1e-6, atol=1e-8)
+
+
+def test_without_full_kl_the_reference_runs_in_the_window_only():
+    """Same window KL and gradient; the steps before the window are not evaluated (NaN, not logged)."""
+    model = add_control(micro_base(), [0, 1], lora_rank=2)
+    with torch.no_grad():
+        model.y_embedding.weight[:2].normal_()
+    cfg = RolloutConfig(steps=4, grad_steps=2)
+    noise = request_noise([1, 2], (1, 8, 8), cfg.steps)
+    c, y = torch.tensor([0, 1]), torch.tensor([1, 0])
+    calls = []
+    handle = model.base.unet.register_forward_pre_hook(lambda m, a: calls.append(1))
+    results = {}
+    for full in (True, False):
+        calls.clear()
+        loss, terms = CTRLLoss(reward(2), 5.0, cfg)(model, c, y, noise, full_kl=full)
+        loss.backward()
+        grad = model.y_embedding.weight.grad.clone()
+        model.y_embedding.weight.grad = None
+        results[full] = (len(calls), terms, grad)
+    handle.remove()
+    (n_full, t_full, g_full), (n_win, t_win, g_win) = results[True], results[False]
+    assert n_full - n_win == 2  # two stochastic steps before the window: one guided reference call each
+    torch.testing.assert_close(g_full, g_win)
+    torch.testing.assert_close(t_full.kl_window, t_win.kl_window)
+    assert t_win.kl_steps[:, :2].isnan().all() and not t_win.kl_steps[:, 2:].isnan().any()
+    assert "kl" in t_full.stats() and "kl" not in t_win.stats()
+    torch.testing.assert_close(t_win.kl_steps[:, 2:], t_full.kl_steps[:, 2:])
+
+
+def test_the_reward_classifiers_accuracy_is_scored_on_the_clamped_image_without_a_graph():
+    model = add_control(micro_base(), [0, 1], lora_rank=2)
+    cfg = RolloutConfig(steps=3, grad_steps=1)
+    noise = 3 * request_noise([1, 2, 3, 4], (1, 8, 8), cfg.steps)  # far outside [-1, 1] after decoding
+    seen = []
+    clf = reward(2)
+    clf.register_forward_pre_hook(
+        lambda m, a: seen.append((a[0].abs().max().item(), torch.is_grad_enabled()))
+    )
+    CTRLLoss(clf, 1.0, cfg)(model, torch.tensor([0, 1, 2, 0]), torch.tensor([0, 1, 0, 1]), noise)
+    assert seen and all(m <= 1.0 for m, _ in seen)
+    assert seen[-1][1] is False  # the accuracy's pass builds no autograd graph

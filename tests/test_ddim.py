@@ -27,6 +27,22 @@ def test_mean_plus_sigma_noise_is_diffusers_ddim_step(scheduler, eta):
             assert float(sigma) == 0.0
 
 
+def test_the_last_step_follows_set_alpha_to_one_false_as_in_stable_diffusion():
+    """SD-1.5's scheduler config has set_alpha_to_one False: the step into t < 0 lands on alpha_bar(0),
+    not 1, and is then still stochastic (a small sigma), exactly as diffusers' own step."""
+    sd = DDIMScheduler(
+        beta_schedule="scaled_linear", set_alpha_to_one=False, steps_offset=1, clip_sample=False
+    )
+    g = torch.Generator().manual_seed(0)
+    x, eps, z = (torch.randn(2, 4, 4, 4, generator=g) for _ in range(3))
+    t, t_prev = timestep_pairs(sd, 50)[-1]
+    assert t_prev == -1
+    mean, sigma, _ = ddim_step(sd, x, eps, t, t_prev, 1.0)
+    expected = sd.step(eps, t, x, eta=1.0, variance_noise=z).prev_sample
+    torch.testing.assert_close(mean + sigma * z, expected, atol=1e-5, rtol=1e-5)
+    assert float(sigma) > 0
+
+
 def test_x0_prediction_inverts_the_forward_process(scheduler):
     x0, eps = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
     t = 600

@@ -12,18 +12,16 @@ import ctrldiff.finetune as ft
 from ctrldiff.control import add_control
 from ctrldiff.finetune import draw_batch, finetune
 from ctrldiff.io import read_json
-from ctrldiff.params import SampleParams
 from tests.conftest import LABEL_META, free_port, micro_base, micro_finetune, micro_reward
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLER = SampleParams(steps=3)
 
 
 def run(updates: int, ckpt: Path, gamma: float = 10.0, reward=None, **kw):
     model = add_control(micro_base(), [0, 1, 2, 3], lora_rank=2)
     torch.manual_seed(0)
     cfg = micro_finetune(updates=updates, checkpoint_every=1, probe_every=2, probe_per_class=1, **kw)
-    result = finetune(model, reward or micro_reward(), gamma, cfg, SAMPLER, LABEL_META, 0, ckpt)
+    result = finetune(model, reward or micro_reward(), gamma, cfg, LABEL_META, 0, ckpt)
     return model, result
 
 
@@ -141,7 +139,7 @@ def test_a_checkpoint_trained_against_another_reward_classifier_is_not_resumed(t
 
 def test_a_checkpoint_made_by_other_update_code_is_not_resumed(tmp_path, monkeypatch):
     run(2, tmp_path / "ckpt")
-    monkeypatch.setattr("ctrldiff.finetune.code_hash", lambda: "a fixed bug")
+    monkeypatch.setattr("ctrldiff.finetune.source_hash", lambda *modules: "a fixed bug")
     _, result = run(3, tmp_path / "ckpt")
     assert result["start_update"] == 0 and len(result["history"]) == 3
 
@@ -185,3 +183,102 @@ def test_two_processes_hold_identical_trainable_parameters(tmp_path):
         torch.testing.assert_close(r0[name], r1[name], rtol=0, atol=0, msg=name)
     init = trainable(add_control(micro_base(), [0, 1, 2, 3], lora_rank=2))
     assert any(not torch.equal(r0[n], init[n]) for n in r0 if "lora_B" in n or "class_embedding" in n)
+
+
+def test_clipping_under_fp16s_grad_scaler_clips_the_unscaled_gradient():
+    """With a GradScaler the gradients are x 65,536 until unscaled: clipping must come after unscaling,
+    and the logged norm is the true one. Same gradients, once plain and once scaled."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from ctrldiff.finetune import clipped_step
+
+    results = []
+    for scaled in (False, True):
+        AcceleratorState._reset_state(reset_partial_state=True)  # a process-wide singleton: fp16, then back
+        w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+        acc = Accelerator(cpu=True, mixed_precision="fp16" if scaled else "no")
+        if scaled:  # accelerate makes no scaler on a CPU; give it the CUDA path's GradScaler
+            acc.scaler, acc.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0**16), True
+        opt = acc.prepare(torch.optim.SGD([w], lr=1.0))
+        acc.backward((w * torch.tensor([30.0, 40.0, 0.0])).sum())  # gradient norm 50
+        results.append((clipped_step(acc, opt, [w], max_norm=5.0), w.detach().clone()))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    (norm, w_plain), (norm_scaled, w_scaled) = results
+    assert norm == pytest.approx(50.0) and norm_scaled == pytest.approx(50.0)
+    torch.testing.assert_close(w_scaled, w_plain)  # the step of the clipped gradient (3, 4, 0)
+    torch.testing.assert_close(w_plain, torch.tensor([-2.0, -6.0, 0.5]))
+
+
+def test_every_update_logs_the_reward_and_kl_per_requested_class(tmp_path):
+    _, result = run(3, tmp_path / "ckpt", batch_size=4)
+    for update, h in enumerate(result["history"]):
+        y = draw_batch(update, 0, 0, 4, 3, 4)[1]
+        counts = torch.bincount(y, minlength=4)
+        drawn = [k for k in range(4) if counts[k]]
+        assert {k for k in h if k.startswith(("reward_y", "kl_y"))} == {
+            f"{m}_y{k}" for m in ("reward", "kl") for k in drawn
+        }  # a class no request asked for has no entry
+        # the per-class means average back to the update's means over its 4 requests
+        assert sum(counts[k] * h[f"reward_y{k}"] for k in drawn) / 4 == pytest.approx(h["reward"], rel=1e-5)
+        assert sum(counts[k] * h[f"kl_y{k}"] for k in drawn) / 4 == pytest.approx(h["kl_window"], abs=1e-5)
+    assert "kl" in result["history"][1] and "kl" not in result["history"][0]  # probe updates: 2 and 3
+
+
+def test_the_fingerprint_covers_what_changes_the_weights_and_nothing_else():
+    from ctrldiff.finetune import NOT_FINGERPRINTED, fingerprint
+    from ctrldiff.params import FinetuneParams, RolloutParams
+
+    model, reward = add_control(micro_base(), [0, 1, 2, 3], lora_rank=2), micro_reward()
+    cfg = micro_finetune()
+
+    def key(cfg=cfg, gamma=10.0, code="abc"):
+        return fingerprint(cfg, gamma, 0, 1, model, reward, code)
+
+    changed = {
+        "rollout": RolloutParams(steps=4),
+        "batch_size": 3,
+        "grad_accumulation": 2,
+        "grad_steps": 1,
+        "lora_rank": 2,
+        "lora_targets": ["to_q"],
+        "lr_lora": 0.5,
+        "lr_embedding": 0.5,
+        "warmup_updates": 3,
+        "weight_decay": 0.1,
+        "beta1": 0.8,
+        "beta2": 0.9,
+        "clip_grad_norm": 1.0,
+        "kl_reduction": "mean",
+        "mixed_precision": "bf16",
+    }
+    unchanged = {
+        "updates": 500,
+        "decay_updates": 10,
+        "checkpointing": True,
+        "checkpoint_every": 7,
+        "probe_every": 3,
+        "probe_per_class": 9,
+    }
+    assert set(changed) | set(unchanged) == set(FinetuneParams.model_fields)
+    assert set(unchanged) == set(NOT_FINGERPRINTED)
+    for field, value in changed.items():
+        assert key(cfg.model_copy(update={field: value})) != key(), field
+    for field, value in unchanged.items():
+        assert key(cfg.model_copy(update={field: value})) == key(), field
+    assert key(gamma=11.0) != key() and key(code="abd") != key()
+    before = key()
+    with torch.no_grad():
+        model.base.encoder.embed.weight[0, 0] += 1  # the class (prompt) embeddings are the base's too
+    assert key() != before
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_message(tmp_path):
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(free_port()), str(ROOT / "tests/ddp_worker.py"), str(tmp_path), "--nan-on-rank1",
+    ]  # fmt: skip
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)  # a hang fails here
+    assert proc.returncode != 0
+    assert proc.stderr.count("non-finite loss at update 0") >= 2, proc.stderr[-3000:]  # both ranks say it

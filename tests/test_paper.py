@@ -33,6 +33,8 @@ def test_paper_params_are_the_papers_settings():
     p = load_params(PAPER)
     assert p.base.kind == "stable-diffusion" and p.data.source == "ava" and p.data.resolution == 512
     assert (p.sample.steps, p.sample.eta, p.sample.guidance_scale) == (50, 1.0, 7.5)
+    ro = p.finetune.rollout  # the training rollouts: the same sampler as the evaluation's
+    assert (ro.steps, ro.eta, ro.guidance_scale) == (50, 1.0, 7.5)
     assert p.label.thresholds == [110_000, 85_000, 60_000] and p.label.second.thresholds == [5.7]
     assert p.multitask.compressibility_thresholds == [70_000] and p.label.second.property == "aesthetic"
     ft = p.finetune

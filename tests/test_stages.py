@@ -1,7 +1,10 @@
 """The stages end to end on the smoke parameters, in a temporary working directory."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +86,7 @@ def test_smoke_pipeline_writes_parquet_classifier_and_metrics(smoke_run):
         assert 0.0 <= clf_metrics[key] < 10.0
     assert (smoke_run / "metrics/classifier/compressibility_reliability.png").stat().st_size > 1000
     clf = Classifier.load(smoke_run / "models/classifier/compressibility")
-    assert clf.arch["kind"] == "jpeg_size"  # the smoke params ask for compressibility_model: dct
+    assert clf.arch.get("kind") != "jpeg_size"  # the smoke params ask for the CNN (the default is dct)
     clf.check_classes([0, 1, 2, 3], label_metrics["compressibility"]["thresholds_bytes"])
     assert Classifier.load(smoke_run / "models/classifier/digit").meta["classes"] == list(range(10))
 
@@ -198,11 +201,70 @@ def test_smoke_multitask_trains_on_disjoint_halves_and_reports_per_task_and_join
 
 def test_smoke_continuous_reports_parity_metrics_and_plot(smoke_run):
     m = json.loads((smoke_run / "metrics/continuous.json").read_text())
-    assert m["n_images"] == 3 * 10 and len(m["targets_bytes"]) == 3
-    assert m["targets_bytes"][0] == pytest.approx(min(m["class_means_bytes"]))
-    assert m["per_image"]["mae"] >= 0 and m["per_image"]["rmse"] >= m["per_image"]["mae"]
-    assert (smoke_run / "metrics/continuous_parity.png").stat().st_size > 1000
-    # the calibrated rule measured the classes' own rows (one position per class) on 10 digits each
-    cal = m["calibration"]
+    method, reference = m["reward"], m["oracle_calibrated"]
+    assert method["n_images"] == reference["n_images"] == 3 * 10 and len(m["targets_bytes"]) == 3
+    cal = m["calibration"]  # the calibrated rule measured the classes' own rows on 10 digits each
     assert cal["positions"] == [0.0, 1.0, 2.0, 3.0] and cal["n_images"] == 4 * 10
-    assert len(m["positions"]) == 3 and all(0 <= u <= 3 for u in m["positions"])
+    assert m["targets_bytes"][0] == pytest.approx(min(cal["reward_mean_bytes"]))  # the reward's range
+    for r in (method, reference):
+        assert r["per_image"]["mae"] >= 0 and r["per_image"]["rmse"] >= r["per_image"]["mae"]
+        assert len(r["positions"]) == 3 and all(0 <= u <= 3 for u in r["positions"])
+    assert "oracle" in reference["note"]
+    assert (smoke_run / "metrics/continuous_parity.png").stat().st_size > 1000
+
+
+def test_continuous_calibrates_with_the_reward_model_and_the_oracle_only_judges(smoke_run, monkeypatch):
+    """An oracle shifted by 100 B moves the oracle-calibrated reference's positions, not the method's;
+    the method does not read the evaluation's oracle metrics either."""
+    from ctrldiff import tasks
+
+    before = json.loads((smoke_run / "metrics/continuous.json").read_text())
+    monkeypatch.chdir(smoke_run)
+    (smoke_run / "metrics/eval/ctrl.json").rename(smoke_run / "ctrl.json.away")
+    real = tasks.oracle_classes
+    monkeypatch.setattr(continuous, "oracle_classes", lambda px, spec: (real(px, spec)[0] + 100.0, None))
+    try:
+        continuous.main([])
+    finally:
+        (smoke_run / "ctrl.json.away").rename(smoke_run / "metrics/eval/ctrl.json")
+    after = json.loads((smoke_run / "metrics/continuous.json").read_text())
+    assert after["reward"]["positions"] == before["reward"]["positions"]
+    assert after["targets_bytes"] == before["targets_bytes"]
+    assert after["calibration"]["oracle_mean_bytes"] == pytest.approx(
+        [v + 100 for v in before["calibration"]["oracle_mean_bytes"]]
+    )
+
+
+def test_finetune_stage_on_two_processes_writes_complete_outputs_and_each_log_line_once(smoke_run, tmp_path):
+    """`torchrun -m stages.finetune` with 2 CPU processes: only the main process writes the adapter,
+    the metrics and the dvclive log; a resumed run replays the earlier updates exactly once."""
+    from ctrldiff.base import load_base
+    from ctrldiff.control import load_control
+    from tests.conftest import free_port
+
+    for part in ("params.yaml", "data/labelled", "models/base", "models/classifier/compressibility"):
+        src, dst = smoke_run / part, tmp_path / part
+        shutil.copytree(src, dst) if src.is_dir() else shutil.copy(src, dst)
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+    def launch(updates: int) -> None:
+        params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+        params["finetune"] |= {"updates": updates, "checkpoint_every": 1}
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(free_port()), "-m", "stages.finetune"]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    launch(2)
+    launch(3)  # resumes from update 2 of the same settings
+    summary = json.loads((tmp_path / "metrics/finetune.json").read_text())
+    assert summary["resumed_from_update"] == 2 and summary["trajectories_per_update"] == 2 * 2
+    history = json.loads((tmp_path / "metrics/finetune/metrics.json").read_text())
+    assert history["step"] == 3  # dvclive's summary: the last update, written by the main process
+    reward_log = (tmp_path / "metrics/finetune/plots/metrics/reward.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in reward_log[1:]] == ["1", "2", "3"]
+    model = load_control(load_base(tmp_path / "models/base"), tmp_path / "models/ctrl")
+    assert len(model.y_classes) == 4
+    leftovers = [p.name for p in (tmp_path / "models").iterdir() if p.name.startswith(".")]
+    assert not leftovers  # no half-written temporary directories from a racing rank

@@ -32,7 +32,7 @@ def test_ctrl_loss_accepts_the_joint_reward(base):
     model = add_control(base, list(range(4)), lora_rank=2)
     loss_fn = CTRLLoss(joint.requires_grad_(False), 10.0, RolloutConfig(steps=3, grad_steps=1))
     noise = torch.randn(4, 4, 1, 8, 8)
-    loss, stats, _ = loss_fn(model, torch.tensor([0, 1, 2, 0]), torch.arange(4), noise)
+    loss, _ = loss_fn(model, torch.tensor([0, 1, 2, 0]), torch.arange(4), noise)
     loss.backward()
     assert torch.isfinite(loss) and model.y_embedding.weight.grad is not None
 

@@ -156,6 +156,7 @@ def paper_params_on_tiny_models(paper_params: Path, tiny_models: dict[str, Path]
     p["classifier"] |= {"epochs": 1, "width": 8, "batch_size": 16}
     p["sample"] |= {"steps": 4, "n_per_request": 1, "batch_size": 16}
     p["finetune"] |= {
+        "rollout": {"steps": 4, "eta": 1.0, "guidance_scale": 7.5},
         "updates": 2,
         "batch_size": 2,
         "grad_accumulation": 1,

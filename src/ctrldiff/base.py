@@ -128,8 +128,20 @@ class BaseModel:
         (directory / "base.json").write_text(json.dumps(self.meta, indent=2) + "\n")
 
 
-def build_embedded(cfg: BaseParams, num_classes: int, resolution: int, channels: int) -> BaseModel:
-    """A fresh class-conditional UNet2DConditionModel and its class encoder, from params."""
+def build_embedded(
+    cfg: BaseParams, num_classes: int, resolution: int, channels: int, seed: int = 0
+) -> BaseModel:
+    """A fresh class-conditional UNet2DConditionModel and its class encoder, from params.
+
+    The initial weights come from ``seed`` (drawn inside a forked RNG, so the caller's global
+    stream is untouched): the same params give the same bytes on every run.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _build_embedded(cfg, num_classes, resolution, channels)
+
+
+def _build_embedded(cfg: BaseParams, num_classes: int, resolution: int, channels: int) -> BaseModel:
     n_blocks = len(cfg.block_out_channels)
     attn = cfg.attention_levels
     down = tuple("CrossAttnDownBlock2D" if i in attn else "DownBlock2D" for i in range(n_blocks))

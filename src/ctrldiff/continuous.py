@@ -1,14 +1,19 @@
 """Continuous y without retraining: a convex combination of CTRL's learned class embeddings.
 
-The classes, sorted by their achieved oracle means, trace a path through embedding space: position
-u = j + λ on it puts weight 1 - λ on the j-th class and λ on the (j+1)-th. At an integer u the
-weights are one-hot, so the embedding is exactly that class's row. Two rules pick u for a target s:
+The classes, sorted by their means in the labelled data, trace a path through embedding space:
+position u = j + λ on it puts weight 1 - λ on the j-th class and λ on the (j+1)-th. At an integer u
+the weights are one-hot, so the embedding is exactly that class's row. The path is calibrated with
+what CTRL itself has, its model and its reward model: sample a grid of positions once (seeds disjoint
+from the evaluation's), score the images with the reward model (``reward_scores``: a size model's
+predicted bytes, or the score expected under p̂(y | x)), and pick u for a target s by one of two rules:
 
-- ``class_means``: u is s's position between the neighbouring classes' means (piecewise-linear).
-  This assumes the achieved score moves linearly along each segment, which it need not.
-- ``calibrated``: sample a grid of positions once (seeds disjoint from the evaluation's), fit an
-  increasing curve u -> mean oracle score (isotonic regression) and invert it. This corrects the
-  segments' non-linearity with a few hundred extra images and no retraining.
+- ``class_means``: the grid is the classes' own rows; u is s's place between their measured means.
+- ``calibrated``: a finer grid, which corrects the segments' non-linearity with a few hundred more
+  images. Either way an increasing curve u -> mean score (isotonic regression) is fitted to the grid
+  and inverted (``calibrated_positions``), so a pair of classes CTRL has not separated stays usable.
+
+The oracle judges the result. Calibrating with the oracle instead puts ground truth inside the
+method; the stage reports it beside, labelled as such, as the reference the reward's errors cost.
 
 Targets beyond the range clamp to the path's ends (no extrapolation: the weights stay convex).
 Classes whose achieved means tie (a CTRL that has not yet separated them) keep their label order on
@@ -21,8 +26,11 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import torch
 from sklearn.isotonic import IsotonicRegression
 from sklearn.metrics import r2_score
+
+from ctrldiff.classifier import Classifier
 
 
 def _sorted_means(class_means: list[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -87,3 +95,17 @@ def parity_metrics(requested: np.ndarray, achieved: np.ndarray) -> dict:
         "rmse": float(np.sqrt((residual**2).mean())),
         "n": int(len(requested)),
     }
+
+
+@torch.no_grad()
+def reward_scores(reward: Classifier, images: torch.Tensor, class_means: list[float]) -> np.ndarray:
+    """The reward model's estimate of each image's score (e.g. JPEG bytes), images in [-1, 1].
+
+    A size model (``net.size``, the DCT reward) predicts it directly; any other classifier gives the
+    expectation of the classes' mean scores in the labelled data under p̂(y | x).
+    """
+    if hasattr(reward.net, "size"):
+        return reward.net.size(images).cpu().numpy()
+    probs = reward(images).softmax(-1).cpu().numpy()
+    return probs @ np.asarray(class_means, dtype=float)
+

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from peft import LoraConfig
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -27,6 +29,7 @@ from ctrldiff.base import BaseModel
 
 ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]
 RESNET_CONVS = ["conv1", "conv2"]  # every ResNet block's two 3x3 convolutions
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' file name for LoRA weights
 
 
 class YEmbedding(nn.Module):
@@ -93,7 +96,16 @@ class ControlledModel:
         """Adapter in peft/diffusers format (``load_lora_adapter``), y-embedding as safetensors."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.base.unet.save_lora_adapter(directory / "lora")
+        # peft keeps target_modules as a set, whose order varies between processes: saved as is, the
+        # same tensors gave other bytes on every run (and DVC reran everything downstream).
+        config = self.base.unet.peft_config["default"]
+        modules = config.target_modules
+        config.target_modules = sorted(modules) if isinstance(modules, set) else modules
+        try:
+            self.base.unet.save_lora_adapter(directory / "lora")
+        finally:
+            config.target_modules = modules
+        _one_metadata_key(directory / "lora" / LORA_WEIGHTS)
         save_file(
             {"weight": self.y_embedding.table().detach().contiguous()}, directory / "y_embedding.safetensors"
         )
@@ -104,6 +116,17 @@ class ControlledModel:
             "dim": self.y_embedding.weight.shape[1],
         }
         (directory / "control.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _one_metadata_key(path: Path) -> None:
+    """Rewrite a LoRA file with only diffusers' adapter metadata (dropping {"format": "pt"}, which no
+    loader reads): safetensors writes a header's metadata keys in a per-process hash order, so with
+    two keys the same tensors gave other bytes from run to run."""
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    kept = {k: v for k, v in metadata.items() if k == LORA_ADAPTER_METADATA_KEY}
+    save_file(tensors, str(path), metadata=kept or None)
 
 
 def _attach_y(base: BaseModel, y_classes: list) -> YEmbedding:
@@ -143,7 +166,7 @@ def load_control(base: BaseModel, directory: str | Path) -> ControlledModel:
     base.unet.load_lora_adapter(
         str(directory / "lora"),
         prefix=None,
-        weight_name="pytorch_lora_weights.safetensors",
+        weight_name=LORA_WEIGHTS,
         use_safetensors=True,
     )
     y_embedding.requires_grad_(True)

@@ -15,7 +15,7 @@ from diffusers import DDIMScheduler
 def timestep_pairs(scheduler: DDIMScheduler, steps: int) -> list[tuple[int, int]]:
     """The (t, t_prev) pairs of a ``steps``-step DDIM run, using the scheduler's timestep spacing.
 
-    t_prev = -1 marks the last step, which lands on the clean image (alpha_bar = 1).
+    t_prev = -1 marks the last step, into the clean image (alpha_bar = the scheduler's final value).
     """
     scheduler.set_timesteps(steps)
     ts = [int(t) for t in scheduler.timesteps]
@@ -23,8 +23,9 @@ def timestep_pairs(scheduler: DDIMScheduler, steps: int) -> list[tuple[int, int]
 
 
 def alpha_bar(scheduler: DDIMScheduler, t: int) -> torch.Tensor:
-    """Cumulative signal fraction at t; 1 for t < 0 (diffusers' ``set_alpha_to_one``)."""
-    return scheduler.alphas_cumprod[t] if t >= 0 else torch.tensor(1.0)
+    """Cumulative signal fraction at t; for t < 0 the scheduler's ``final_alpha_cumprod``: 1 with
+    ``set_alpha_to_one`` (our embedded base), alpha_bar(0) without it (Stable Diffusion 1.5's config)."""
+    return scheduler.alphas_cumprod[t] if t >= 0 else scheduler.final_alpha_cumprod
 
 
 def _unsupported(kind: str) -> ValueError:

@@ -10,7 +10,6 @@ exactly what the uninterrupted run would have drawn, and no update reuses anothe
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 from pathlib import Path
 
@@ -22,14 +21,25 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers.optimization import get_wsd_schedule
 
-from ctrldiff import ctrl, ddim, sampling
 from ctrldiff.control import ControlledModel
-from ctrldiff.ctrl import CTRLLoss, RolloutConfig
+from ctrldiff.ctrl import CTRLLoss, LossTerms, RolloutConfig
 from ctrldiff.io import atomic_dir
 from ctrldiff.oracles import to_uint8
-from ctrldiff.params import FinetuneParams, SampleParams
+from ctrldiff.params import FinetuneParams
+from ctrldiff.provenance import source_hash
 from ctrldiff.sampling import SamplerConfig, request_noise, sample
 from ctrldiff.tasks import class_counts, control_tasks, join, oracle_classes, split_joint
+
+# FinetuneParams fields that change no trained weight (a run resumes across them) or only lengthen
+# the run: `updates` may grow and `decay_updates` be appended (a cool-down) to a finished run.
+NOT_FINGERPRINTED = (
+    "updates",
+    "decay_updates",
+    "checkpointing",
+    "checkpoint_every",
+    "probe_every",
+    "probe_per_class",
+)
 
 
 def config_hash(*sections) -> str:
@@ -48,10 +58,15 @@ def weights_hash(*modules: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def code_hash() -> str:
-    """Fingerprint of the code an update runs (loss, rollout, DDIM step): a fixed bug starts afresh."""
-    text = "".join(inspect.getsource(module) for module in (ctrl, ddim, sampling))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def fingerprint(
+    cfg: FinetuneParams, gamma: float, seed: int, processes: int, model: ControlledModel, reward, code: str
+) -> str:
+    """Everything that changes the trained weights: the recipe, gamma, seed, process count, the base's
+    weights (its UNet and class encoder: the prompts at paper scale), the fresh adapter, the reward's
+    weights, and the source of the code that runs an update (``code``: a provenance.source_hash)."""
+    recipe = cfg.model_dump(exclude=set(NOT_FINGERPRINTED))
+    weights = weights_hash(reward, model.base.unet, model.base.encoder)
+    return config_hash(recipe, gamma, seed, processes, weights, code)
 
 
 def _trainable(model: ControlledModel) -> dict[str, torch.Tensor]:
@@ -123,21 +138,44 @@ def probe(model: ControlledModel, label_meta: dict, sampler: SamplerConfig, per_
     return stats
 
 
+def per_class_sums(terms: LossTerms, y: torch.Tensor, num_y: int) -> torch.Tensor:
+    """(3, num_y): per requested class, the count, the summed log p̂ and the summed window KL."""
+    onehot = torch.nn.functional.one_hot(y.cpu(), num_y).float().T  # (num_y, N)
+    return torch.stack([onehot.sum(1), onehot @ terms.log_p.cpu(), onehot @ terms.kl_window.cpu()])
+
+
+def clipped_step(accelerator: Accelerator, opt, params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Average the gradients over processes, unscale (fp16's GradScaler) and clip them, step.
+
+    Returns the unscaled gradient norm before clipping. accelerate's clip_grad_norm_ unscales first:
+    clipping the scaled gradients (x 65,536) would make every update a normalised step.
+    """
+    for p in params:  # every rank takes the same step (the authors' y-embedding was never synced)
+        if p.grad is not None:
+            p.grad = accelerator.reduce(p.grad, reduction="mean")
+    norm = float(accelerator.clip_grad_norm_(params, max_norm))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return norm
+
+
 def finetune(
     model: ControlledModel,
     reward: torch.nn.Module,
     gamma: float,
     cfg: FinetuneParams,
-    sampler_params: SampleParams,
     label_meta: dict,
     seed: int,
     checkpoint_dir: Path,
     live=None,
+    code: tuple[str, ...] = ("ctrldiff.finetune",),
 ) -> dict:
     """Run CTRL updates until ``cfg.updates``, resuming from ``checkpoint_dir`` when possible.
 
     ``reward`` has ``log_prob(x, y)`` and per-class scores (a Classifier or a tasks.JointReward).
-    The returned history covers every update, those before a resume included (kept in the checkpoint).
+    Rollouts use ``cfg.rollout``. ``code``: the modules whose source (with what they import) the
+    checkpoint fingerprints; a stage passes its own. Only the main process writes the checkpoint and
+    the log; the returned history covers every update, those before a resume included.
     """
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # several CPU processes (gloo) when launched with torchrun
@@ -151,36 +189,20 @@ def finetune(
     reward.to(device)
     reward.requires_grad_(False)
     lora, emb = model.trainable_parameters()
+    params = lora + emb
     opt = torch.optim.AdamW(
         [{"params": lora, "lr": cfg.lr_lora}, {"params": emb, "lr": cfg.lr_embedding}],
         betas=(cfg.beta1, cfg.beta2),
         weight_decay=cfg.weight_decay,
     )
     opt = accelerator.prepare(opt)
-    rollout_cfg = RolloutConfig(
-        sampler_params.steps,
-        sampler_params.eta,
-        sampler_params.guidance_scale,
-        cfg.grad_steps,
-        cfg.checkpointing,
-    )
-    sampler = SamplerConfig(sampler_params.steps, sampler_params.eta, sampler_params.guidance_scale)
+    ro = cfg.rollout
+    rollout_cfg = RolloutConfig(ro.steps, ro.eta, ro.guidance_scale, cfg.grad_steps, cfg.checkpointing)
+    sampler = SamplerConfig(ro.steps, ro.eta, ro.guidance_scale)
     loss_fn = CTRLLoss(reward, gamma, rollout_cfg, cfg.kl_reduction)
-    # Settings that change what an update computes. `updates` may grow and a run still resumes, and
-    # so may `decay_updates`: a cool-down can be appended to a finished run.
-    recipe = cfg.model_dump(
-        exclude={"updates", "decay_updates", "checkpoint_every", "probe_every", "probe_per_class"}
-    )
-    fingerprint = config_hash(
-        recipe,
-        sampler_params,
-        gamma,
-        seed,
-        accelerator.num_processes,
-        weights_hash(reward, base.unet),  # before any update: the base and the fresh LoRA
-        code_hash(),
-    )
-    start, history = load_checkpoint(checkpoint_dir, model, opt, fingerprint)
+    print_ = accelerator.print
+    key = fingerprint(cfg, gamma, seed, accelerator.num_processes, model, reward, source_hash(*code))
+    start, history = load_checkpoint(checkpoint_dir, model, opt, key)
     # Both rates: linear warm-up, constant, linear decay to 0 over the last `decay_updates`. A function
     # of the update alone, built at `start` from the current settings (so it is not checkpointed), and
     # stepped once per update by hand (accelerate's wrapper would step once per process).
@@ -188,13 +210,12 @@ def finetune(
         opt, cfg.warmup_updates, cfg.decay_updates, cfg.updates, decay_type="linear", last_epoch=start - 1
     )
     trajectories = cfg.batch_size * accelerator.num_processes * cfg.grad_accumulation
-    if accelerator.is_main_process:
-        print(
-            f"finetune: {trajectories} trajectories per update = {cfg.batch_size} x "
-            f"{accelerator.num_processes} "
-            f"processes x {cfg.grad_accumulation} accumulation; starting at update {start}"
-        )
-    params = lora + emb
+    print_(
+        f"finetune: {trajectories} trajectories per update = {cfg.batch_size} x "
+        f"{accelerator.num_processes} processes x {cfg.grad_accumulation} accumulation; "
+        f"starting at update {start}"
+    )
+    num_y = len(model.y_classes)
 
     def log(stats: dict) -> None:
         if live is not None and accelerator.is_main_process:
@@ -210,7 +231,10 @@ def finetune(
         range(start, cfg.updates), desc="finetune", unit="update", disable=not accelerator.is_main_process
     )
     for update in bar:
+        probing = (update + 1) % cfg.probe_every == 0 or update + 1 == cfg.updates
         stats_sum: dict[str, float] = {}
+        classes = torch.zeros(3, num_y)
+        bad = torch.zeros(())
         for micro in range(cfg.grad_accumulation):
             c, y, seeds = draw_batch(
                 update * cfg.grad_accumulation + micro,
@@ -218,41 +242,48 @@ def finetune(
                 seed,
                 cfg.batch_size,
                 len(base.classes),
-                len(model.y_classes),
+                num_y,
             )
-            noise = request_noise(seeds, base.sample_shape, rollout_cfg.steps).to(device)
+            noise = request_noise(seeds, base.sample_shape, ro.steps).to(device)
             with accelerator.autocast():
-                loss, stats, _ = loss_fn(model, c.to(device), y.to(device), noise)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"finetune: non-finite loss at update {update} ({stats}); the last good checkpoint in "
-                    f"{checkpoint_dir} is intact. Lower finetune.lr_lora / lr_embedding or gamma."
-                )
+                # the whole trajectory's KL (the reference on every step) only at the probe updates
+                loss, terms = loss_fn(model, c.to(device), y.to(device), noise, full_kl=probing)
+            bad = bad + (~torch.isfinite(loss.detach())).float().cpu()
             accelerator.backward(loss)  # divides by grad_accumulation itself: the mean over micro-batches
+            stats = {"loss": loss.item()} | terms.stats()
             for k, v in stats.items():
                 stats_sum[k] = stats_sum.get(k, 0.0) + v / cfg.grad_accumulation
-        # Average the trainable gradients over processes: every rank takes the same step.
-        for p in params:
-            if p.grad is not None:
-                p.grad = accelerator.reduce(p.grad, reduction="mean")
+            classes += per_class_sums(terms, y, num_y)
+        # Every rank learns whether any rank went non-finite, and all stop together (no rank left
+        # waiting in an all-reduce for one that raised).
+        if float(accelerator.reduce(bad.to(device), "sum")) > 0:
+            raise FloatingPointError(
+                f"finetune: non-finite loss at update {update} ({stats_sum} on rank "
+                f"{accelerator.process_index}); the last good checkpoint in {checkpoint_dir} is intact. "
+                "Lower finetune.lr_lora / lr_embedding or gamma."
+            )
         stats_sum = {
             k: float(accelerator.reduce(torch.tensor(v, device=device), "mean")) for k, v in stats_sum.items()
         }
-        stats_sum["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm))
+        count, reward_sum, kl_sum = accelerator.reduce(classes.to(device), "sum").cpu()
+        for k in torch.nonzero(count).flatten().tolist():  # per requested class drawn (the paper's Fig. 1a)
+            stats_sum[f"reward_y{k}"] = reward_sum[k].item() / count[k].item()
+            stats_sum[f"kl_y{k}"] = kl_sum[k].item() / count[k].item()
         stats_sum["lr_lora"] = opt.param_groups[0]["lr"]  # the rate this update steps with
-        opt.step()
+        stats_sum["grad_norm"] = clipped_step(accelerator, opt, params, cfg.clip_grad_norm)
         sched.step()
-        opt.zero_grad(set_to_none=True)
 
-        if (update + 1) % cfg.probe_every == 0 or update + 1 == cfg.updates:
+        if probing:
             stats_sum |= probe(model, label_meta, sampler, cfg.probe_per_class)
         stats_sum["reward_queries"] = (update + 1) * trajectories
         history.append({"update": update + 1} | stats_sum)
-        bar.set_postfix(reward=f"{stats_sum['reward']:.3f}", kl=f"{stats_sum['kl']:.2f}", refresh=False)
+        bar.set_postfix(
+            reward=f"{stats_sum['reward']:.3f}", kl=f"{stats_sum['kl_window']:.2f}", refresh=False
+        )
         log(history[-1])
         if accelerator.is_main_process and (
             (update + 1) % cfg.checkpoint_every == 0 or update + 1 == cfg.updates
         ):
-            save_checkpoint(checkpoint_dir, model, opt, update + 1, fingerprint, history)
+            save_checkpoint(checkpoint_dir, model, opt, update + 1, key, history)
         accelerator.wait_for_everyone()
     return {"start_update": start, "history": history, "trajectories_per_update": trajectories}

@@ -152,9 +152,19 @@ class SampleParams(_Section):
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")  # the paper's LoRA targets
 
 
-class FinetuneParams(_Section):
-    """CTRL fine-tuning: rollouts use the `sample` section's steps, eta and guidance scale."""
+class RolloutParams(_Section):
+    """The sampler CTRL's training rollouts use, and so the base sampler p_pre its KL is measured
+    against. Its own section, so that changing how `sample` evaluates never retrains CTRL."""
 
+    steps: int = Field(10, ge=1)  # DDIM steps, diffusers' "leading" grid
+    eta: float = Field(1.0, ge=0.0)
+    guidance_scale: float = Field(2.0, ge=1.0)  # classifier-free guidance on c (NULL c and NULL y)
+
+
+class FinetuneParams(_Section):
+    """CTRL fine-tuning: rollouts with the `rollout` sampler, gradients through the last K steps."""
+
+    rollout: RolloutParams = RolloutParams()
     updates: int = Field(150, ge=1)
     batch_size: int = Field(16, ge=1)  # trajectories per process per micro-step
     grad_accumulation: int = Field(1, ge=1)
@@ -210,6 +220,9 @@ class BaselinesParams(_Section):
     noisy_classifier_lr: float = Field(2e-3, gt=0)
     cfg_train_steps: int = Field(600, ge=1)
     cfg_batch_size: int = Field(64, ge=1)
+    # CFG's denoising fit has rates of its own: CTRL's are tuned for RL, not for regression
+    cfg_lr_lora: float = Field(3e-3, gt=0)
+    cfg_lr_embedding: float = Field(3e-2, gt=0)
     cfg_dropout: float = Field(0.1, ge=0, lt=1)  # y and c dropped to NULL independently
 
 
@@ -288,10 +301,11 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _window_within_rollout(self) -> Params:
-        if self.finetune.grad_steps > self.sample.steps:
+        ft = self.finetune
+        if ft.grad_steps > ft.rollout.steps:
             raise ValueError(
-                f"finetune.grad_steps = {self.finetune.grad_steps} exceeds sample.steps = "
-                f"{self.sample.steps}: the gradient window cannot be longer than the rollout"
+                f"finetune.grad_steps = {ft.grad_steps} exceeds finetune.rollout.steps = "
+                f"{ft.rollout.steps}: the gradient window cannot be longer than the rollout"
             )
         return self
 

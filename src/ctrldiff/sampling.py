@@ -75,8 +75,12 @@ def ddim_cfg_step(
     cfg: SamplerConfig,
     y: torch.Tensor | None = None,
     y_null: int | None = None,
+    seeds: list[int] | None = None,
 ) -> torch.Tensor:
-    """The plain step x_t -> x_t_prev: guided noise prediction, DDIM mean, plus sigma times z."""
+    """The plain step x_t -> x_t_prev: guided noise prediction, DDIM mean, plus sigma times z.
+
+    ``seeds`` are the requests' own seeds, for a step that draws noise of its own (SVDD's candidates).
+    """
     eps = guided_eps(model, x, t, c, cfg.guidance_scale, y, y_null)
     mean, sigma, _ = ddim_step(model.scheduler, x, eps, t, t_prev, cfg.eta)
     return mean + sigma * z
@@ -137,7 +141,7 @@ def sample(
     c, y = c.to(device), None if y is None else y.to(device)
     x = noise[:, 0]
     for k, (t, t_prev) in enumerate(timestep_pairs(model.scheduler, cfg.steps), start=1):
-        x = step(model, x, t, t_prev, noise[:, k], c, cfg, y, y_null)
+        x = step(model, x, t, t_prev, noise[:, k], c, cfg, y, y_null, seeds=seeds)
     return model.decode(x).clamp(-1, 1)
 
 

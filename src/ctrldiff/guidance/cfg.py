@@ -78,6 +78,7 @@ class CFGOnY:
         cfg: SamplerConfig,
         y: torch.Tensor,
         y_null: int,
+        seeds: list[int] | None = None,
     ) -> torch.Tensor:
         null_c, null_y = torch.full_like(c, model.encoder.null_index), torch.full_like(y, y_null)
         tt = torch.full((3 * len(x),), t, dtype=torch.long, device=x.device)

@@ -97,6 +97,7 @@ class ClassifierGuidance:
         cfg: SamplerConfig,
         y: torch.Tensor,
         y_null: int | None = None,
+        seeds: list[int] | None = None,
     ) -> torch.Tensor:
         eps = guided_eps(model, x, t, c, cfg.guidance_scale)
         with torch.enable_grad():

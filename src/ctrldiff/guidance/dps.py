@@ -38,6 +38,7 @@ class DPS:
         cfg: SamplerConfig,
         y: torch.Tensor,
         y_null: int | None = None,
+        seeds: list[int] | None = None,
     ) -> torch.Tensor:
         eps, log_p, grad = tweedie_log_prob(model, self.reward, x, t, t_prev, c, y, cfg)
         mean, sigma, _ = ddim_step(model.scheduler, x, eps, t, t_prev, cfg.eta)

@@ -35,6 +35,7 @@ class ReconstructionGuidance:
         cfg: SamplerConfig,
         y: torch.Tensor,
         y_null: int | None = None,
+        seeds: list[int] | None = None,
     ) -> torch.Tensor:
         eps, _, grad = tweedie_log_prob(model, self.reward, x, t, t_prev, c, y, cfg)
         eps = eps - self.scale * (1 - alpha_bar(model.scheduler, t)).sqrt() * grad

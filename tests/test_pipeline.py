@@ -1,0 +1,102 @@
+"""The DVC pipelines themselves: every stage's deps name the code it runs, finetune's params and deps
+are what its checkpoint fingerprints, and the lock check catches a stale dvc.lock."""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ctrldiff.finetune import NOT_FINGERPRINTED
+from ctrldiff.params import FinetuneParams
+from ctrldiff.provenance import import_closure
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINES = sorted(p.relative_to(ROOT) for p in ROOT.glob("**/dvc.yaml") if ".venv" not in p.parts)
+
+
+def stages(pipeline: Path):
+    """(name, stage definition, the folder its paths are relative to) for every stage and foreach item."""
+    doc = yaml.safe_load((ROOT / pipeline).read_text())
+    for name, stage in doc["stages"].items():
+        body = stage.get("do", stage)
+        wdir = (ROOT / pipeline).parent / body.get("wdir", ".")
+        items = stage.get("foreach", [None])
+        for item in items.items() if isinstance(items, dict) else items:
+            yield name, body, wdir.resolve(), item
+
+
+def modules_run(cmd: str) -> list[str]:
+    """The python modules a stage's command runs (`python -m M` or `accelerate launch -m M`)."""
+    words = shlex.split(cmd.replace("${run}", "python -m"))
+    return [
+        words[i + 1] for i, w in enumerate(words[:-1]) if w == "-m" and words[i + 1].startswith("stages.")
+    ]
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES, ids=str)
+def test_every_stage_depends_on_the_code_it_imports(pipeline):
+    for name, body, wdir, _ in stages(pipeline):
+        deps = {(wdir / re.sub(r"\$\{[^}]+\}", "X", d)).resolve() for d in body.get("deps", [])}
+        for module in modules_run(body["cmd"]):
+            missing = [p for p in import_closure(module) if p.name != "__init__.py" or "guidance" in p.parts]
+            missing = [str(p.relative_to(ROOT)) for p in missing if p.resolve() not in deps]
+            assert not missing, f"{pipeline}: stage {name} runs {module} but does not depend on {missing}"
+
+
+def test_finetunes_params_are_what_its_checkpoint_fingerprints_plus_the_logging_cadence():
+    body = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["finetune"]
+    listed = {p.removeprefix("finetune.") for p in body["params"] if p.startswith("finetune.")}
+    fingerprinted = set(FinetuneParams.model_fields) - set(NOT_FINGERPRINTED)
+    logging = {"updates", "decay_updates", "probe_every", "probe_per_class"}  # the log and the run's length
+    assert listed == fingerprinted | logging
+    assert {"seed", "gamma"} <= set(body["params"]) and "sample" not in body["params"]
+    code = {str(p.relative_to(ROOT)) for p in import_closure("stages.finetune")}
+    assert {d for d in body["deps"] if d.endswith(".py")} == code
+
+
+def test_the_lock_check_flags_stale_code_and_params_and_ignores_missing_outputs(tmp_path):
+    """A two-stage pipeline in a scratch repository: after `dvc repro` the check passes, also with the
+    outputs gone (a clean clone); an edited code dep or param fails it; a stage never run is listed."""
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+    def sh(*cmd):
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+
+    def check():
+        return sh(sys.executable, str(ROOT / ".ci/lock_check.py"), ".")
+
+    sh("git", "init", "-q")
+    sh("dvc", "init", "-q")
+    (tmp_path / "step.py").write_text("import sys; open(sys.argv[1], 'w').write('out')\n")
+    (tmp_path / "params.yaml").write_text("lr: 0.1\n")
+    stages = {
+        "make": {
+            "cmd": "python step.py data.txt",
+            "deps": ["step.py"],
+            "params": ["lr"],
+            "outs": ["data.txt"],
+        },
+        "use": {"cmd": "python step.py result.txt", "deps": ["data.txt", "step.py"], "outs": ["result.txt"]},
+    }
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    assert sh("dvc", "repro", "-q").returncode == 0
+    assert check().returncode == 0
+    for out in ("data.txt", "result.txt"):
+        (tmp_path / out).unlink()
+    assert check().returncode == 0, check().stdout  # missing outputs: a clean clone, not a failure
+    (tmp_path / "step.py").write_text("import sys; open(sys.argv[1], 'w').write('other')\n")
+    stale = check()
+    assert stale.returncode == 1 and "stale: make: step.py modified" in stale.stdout
+    sh("dvc", "repro", "-q")
+    (tmp_path / "params.yaml").write_text("lr: 0.2\n")
+    assert "param lr modified" in check().stdout
+    (tmp_path / "params.yaml").write_text("lr: 0.1\n")
+    stages["new"] = {"cmd": "python step.py new.txt", "deps": ["step.py"], "outs": ["new.txt"]}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    never_run = check()
+    assert never_run.returncode == 0 and "never run: new" in never_run.stdout
