@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     # the range the reward measures at the classes' own rows (every points-th grid position)
     targets = spread_targets(list(cal_reward[::points]), cont.num_targets)
 
-    results = {}
+    results, parity = {}, {}
     for offset, (name, grid_scores) in enumerate((("reward", cal_reward), ("oracle_calibrated", cal_oracle))):
         positions = calibrated_positions(targets, grid, grid_scores)
         seed = cont.seed + offset * n_eval  # the two variants on disjoint seeds
@@ -133,10 +133,9 @@ def main(argv: list[str] | None = None) -> None:
             "achieved_mean_per_target_bytes": per_target.tolist(),
             "n_images": len(idx),
             "seconds_per_image": seconds,
-            "_parity": (targets[idx], achieved),
         }
-    requested, achieved = results["reward"].pop("_parity")
-    results["oracle_calibrated"].pop("_parity")
+        parity[name] = (targets[idx], achieved)
+    requested, achieved = parity["reward"]  # the method's images: the parity plot
     metrics = {
         "rule": RULES[cont.rule],
         "calibrated_by": "the reward model (models/classifier/compressibility); the oracle only judges",
