@@ -100,3 +100,38 @@ def test_the_lock_check_flags_stale_code_and_params_and_ignores_missing_outputs(
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
     never_run = check()
     assert never_run.returncode == 0 and "never run: new" in never_run.stdout
+
+
+def _lookup(params: dict, dotted: str) -> bool:
+    node = params
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return False
+        node = node[key]
+    return True
+
+
+@pytest.mark.parametrize("params_file", ["params.yaml", "tests/smoke/params.yaml"])
+def test_every_param_a_stage_names_is_in_the_params_file(params_file):
+    """DVC refuses a stage whose params key is absent from the file, even where the schema has a default."""
+    params = yaml.safe_load((ROOT / params_file).read_text())
+    for pipeline in PIPELINES:
+        if pipeline.parts[0] == "paper":
+            continue
+        for name, body, _, item in stages(pipeline):
+            for entry in body.get("params", []):
+                keys = [k for k in (entry if isinstance(entry, dict) else {None: [entry]}).values()]
+                for key in (k for group in keys for k in group):
+                    if isinstance(item, tuple):  # a foreach over a mapping: ${key} is its key
+                        key = key.replace("${key}", item[0])
+                    elif item is not None:
+                        key = key.replace("${item}", str(item))
+                    assert _lookup(params, key), f"{pipeline}: stage {name} names {key}, absent from {params_file}"
+
+
+def test_paper_params_name_only_keys_in_its_params_file():
+    params = yaml.safe_load((ROOT / "paper/params.yaml").read_text())
+    for name, body, _, _ in stages(Path("paper/dvc.yaml")):
+        for entry in body.get("params", []):
+            if isinstance(entry, str):
+                assert _lookup(params, entry), f"paper/dvc.yaml: stage {name} names {entry}, absent"
