@@ -126,7 +126,8 @@ def test_every_param_a_stage_names_is_in_the_params_file(params_file):
                         key = key.replace("${key}", item[0])
                     elif item is not None:
                         key = key.replace("${item}", str(item))
-                    assert _lookup(params, key), f"{pipeline}: stage {name} names {key}, absent from {params_file}"
+                    where = f"{pipeline}: stage {name} names {key}"
+                    assert _lookup(params, key), f"{where}, absent from {params_file}"
 
 
 def test_paper_params_name_only_keys_in_its_params_file():
