@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import f1_score
 
 from ctrldiff.classifier import Classifier
 from ctrldiff.data import table_images
@@ -44,49 +43,7 @@ from ctrldiff.tasks import (
     oracle_classes,
     split_joint,
 )
-
-
-def tilted_weights(log_p: np.ndarray, c: np.ndarray, gamma: float) -> np.ndarray:
-    """Self-normalised weights ∝ exp(gamma * log_p[i, y]) within each digit c: shape (images, classes)."""
-    w = np.zeros_like(log_p)
-    for k in np.unique(c):
-        rows = c == k
-        logits = gamma * log_p[rows]
-        logits -= logits.max(0, keepdims=True)
-        w[rows] = np.exp(logits) / np.exp(logits).sum(0, keepdims=True)
-    return w
-
-
-def effective_size(weights: np.ndarray) -> float:
-    """Kish's effective sample size of importance weights: (sum w)^2 / sum w^2."""
-    return float(weights.sum() ** 2 / (weights**2).sum())
-
-
-def tilted_kl(weights: np.ndarray) -> float:
-    """KL(tilted ‖ base) in nats, of one (c, y)'s self-normalised weights over its n base images.
-
-    The exact optimum's trajectory KL equals this (its path measure is the base's, reweighted at
-    x0), so it is what CTRL's `kl` would read at the optimum, against log n for the best of n.
-    """
-    w = weights[weights > 0]
-    return float((w * np.log(len(weights) * w)).sum())
-
-
-def pair_terms(log_p: np.ndarray, c: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Per (c, y), arrays (digits, classes): E log p̂(y | x) under the weights, their KL and their ESS."""
-    pairs = [[(c == k, y) for y in range(log_p.shape[1])] for k in np.unique(c)]
-    reward_term = np.array([[np.average(log_p[r, y], weights=w[r, y]) for r, y in row] for row in pairs])
-    kl = np.array([[tilted_kl(w[r, y]) for r, y in row] for row in pairs])
-    ess = np.array([[effective_size(w[r, y]) for r, y in row] for row in pairs])
-    return reward_term, kl, ess
-
-
-def weighted_scores(requested: np.ndarray, achieved: np.ndarray, w: np.ndarray) -> tuple[float, float]:
-    """Accuracy and macro-F1 when image i stands for request y with weight w[i, y]."""
-    asked = np.broadcast_to(requested, w.shape).ravel()
-    got = np.broadcast_to(achieved[:, None], w.shape).ravel()
-    acc = float(np.average(asked == got, weights=w.ravel()))
-    return acc, float(f1_score(asked, got, average="macro", sample_weight=w.ravel(), zero_division=0))
+from ctrldiff.tilt import pair_terms, tilted_weights, weighted_scores
 
 
 def main() -> None:

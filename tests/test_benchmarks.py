@@ -12,12 +12,13 @@ from sklearn.metrics import f1_score
 from benchmarks.control_window import windowed_sample
 from benchmarks.gradient_coherence import continuation_gradients, signal_fraction
 from benchmarks.kl_per_step import kl_per_step
-from benchmarks.tilted_target import compare, effective_size, tilted_kl, tilted_weights, weighted_scores
+from benchmarks.tilted_target import compare
 from ctrldiff.control import add_control
 from ctrldiff.ctrl import RolloutConfig, rollout
 from ctrldiff.data import png_bytes
 from ctrldiff.ddim import timestep_pairs
 from ctrldiff.sampling import SamplerConfig, request_noise, sample
+from ctrldiff.tilt import effective_size, tilted_kl, tilted_weights, weighted_scores
 from tests.conftest import micro_base, micro_reward
 
 
