@@ -35,7 +35,7 @@ from ctrldiff.methods import build
 from ctrldiff.oracles import to_uint8
 from ctrldiff.params import SampleParams, load_params
 from ctrldiff.plots import parity_plot
-from ctrldiff.sampling import SamplerConfig, sample_requests
+from ctrldiff.sampling import SamplerConfig, Step, sample_requests
 from ctrldiff.tasks import oracle_classes
 
 TASK = "compressibility"
@@ -47,6 +47,7 @@ RULES = {
 
 def _sample_positions(
     base: BaseModel,
+    step: Step,
     y_null: int,
     u: np.ndarray,
     label_means: list[float],
@@ -68,6 +69,7 @@ def _sample_positions(
         torch.tensor(path_weights(u[u_idx], label_means), dtype=torch.float32),
         y_null,
         desc=desc,
+        step=step,
     )
     return u_idx, images, seconds
 
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         float(train.loc[train[spec["column"]] == k, spec["score"]].mean()) for k in spec["classes"]
     ]
     reward = Classifier.load(f"models/classifier/{TASK}").eval()
-    base, _, y_null = build("ctrl", None, label_meta, device=default_device())
+    base, step, y_null = build("ctrl", None, label_meta, device=default_device())
 
     points = 1 if cont.rule == "class_means" else cont.calibration_points
     grid = calibration_grid(len(label_means), points)
@@ -104,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     cal_idx, cal_images, _ = _sample_positions(
         base,
+        step,
         y_null,
         grid,
         label_means,
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         positions = calibrated_positions(targets, grid, grid_scores)
         seed = cont.seed + offset * n_eval  # the two variants on disjoint seeds
         idx, images, seconds = _sample_positions(
-            base, y_null, positions, label_means, cont.per_digit, seed, sampler, name
+            base, step, y_null, positions, label_means, cont.per_digit, seed, sampler, name
         )
         achieved = oracle_classes(to_uint8(images), spec)[0]
         per_target = _means(achieved, idx, len(targets))

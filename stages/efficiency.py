@@ -19,14 +19,13 @@ from accelerate.utils import set_seed
 
 from ctrldiff.base import load_base
 from ctrldiff.classifier import Classifier, fit_task, labelled_subset, task_tensors
-from ctrldiff.control import add_control
+from ctrldiff.control import ControlledStep, add_control
 from ctrldiff.evaluation import evaluate_samples, real_by_split
 from ctrldiff.finetune import finetune
 from ctrldiff.guidance.cfg import CFGOnY, train_cfg
 from ctrldiff.io import read_json, write_json
 from ctrldiff.methods import generate
 from ctrldiff.params import load_params
-from ctrldiff.sampling import ddim_cfg_step
 
 TASK = "compressibility"
 
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     ctrl = add_control(load_base("models/base"), classes, ft.lora_rank, ft.lora_targets)
     checkpoint = Path(f"models/efficiency/n{n}_checkpoint")
     finetune(ctrl, reward, params.gamma, ft, meta, params.seed, checkpoint, code=("stages.efficiency",))
-    ctrl_result = evaluate("ctrl", ctrl.base, ddim_cfg_step, ctrl.y_null, None)
+    ctrl_result = evaluate("ctrl", ctrl.base, ControlledStep(ctrl), ctrl.y_null, None)
     ctrl_result |= {
         "classifier_val_accuracy": clf_metrics["val_accuracy_real"],  # on the held-out real pairs
         "classifier_copies": clf_metrics["copies"],  # oracle-labelled copies per labelled image

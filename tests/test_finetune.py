@@ -221,7 +221,8 @@ def test_every_update_logs_the_reward_and_kl_per_requested_class(tmp_path):
         }  # a class no request asked for has no entry
         # the per-class means average back to the update's means over its 4 requests
         assert sum(counts[k] * h[f"reward_y{k}"] for k in drawn) / 4 == pytest.approx(h["reward"], rel=1e-5)
-        assert sum(counts[k] * h[f"kl_y{k}"] for k in drawn) / 4 == pytest.approx(h["kl_window"], rel=1e-5, abs=1e-5)
+        kl = sum(counts[k] * h[f"kl_y{k}"] for k in drawn) / 4
+        assert kl == pytest.approx(h["kl_window"], rel=1e-5, abs=1e-5)
     assert "kl" in result["history"][1] and "kl" not in result["history"][0]  # probe updates: 2 and 3
 
 

@@ -19,6 +19,7 @@ import torch
 from diffusers import DDIMScheduler
 from torch import nn
 
+from ctrldiff.control import ControlledStep
 from ctrldiff.ctrl import RolloutConfig
 from ctrldiff.ddim import ddim_step, predicted_eps, timestep_pairs
 from ctrldiff.objective import trajectory_kl
@@ -154,7 +155,8 @@ def fit(solver, model: ToyControl, updates: int, batch: int, lr: float) -> None:
 
 def moments(model: ToyControl, y: int, n: int = 20_000) -> tuple[float, float]:
     c, yy, seeds = draw(y, n, 7)
-    x = sample(model.base, c, seeds, SamplerConfig(STEPS, 1.0, 1.0), yy, model.y_null).flatten()
+    cfg = SamplerConfig(STEPS, 1.0, 1.0)
+    x = sample(model.base, c, seeds, cfg, yy, model.y_null, ControlledStep(model)).flatten()
     return float(x.mean()), float(x.var())
 
 
@@ -188,12 +190,6 @@ def test_weighted_reaches_the_tilted_targets_mean_and_variance():
     assert_reaches_the_tilt(model)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="backprop's loss puts no KL on the deterministic last step (sigma = 0, into t = -1), so it "
-    "moves x0 there for free: mean 0.378 against the target's 0.457 for y = 0. With that step's control "
-    "frozen it reaches 0.457 (docs/experiments.md, 2026-12-02). Issue 31.",
-)
 def test_backprop_reaches_the_tilted_targets_mean_and_variance():
     model = ToyControl()
     solver = Backprop(GaussianReward(), GAMMA, RolloutConfig(STEPS, 1.0, 1.0, grad_steps=STEPS), "sum")

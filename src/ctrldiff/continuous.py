@@ -108,4 +108,3 @@ def reward_scores(reward: Classifier, images: torch.Tensor, class_means: list[fl
         return reward.net.size(images).cpu().numpy()
     probs = reward(images).softmax(-1).cpu().numpy()
     return probs @ np.asarray(class_means, dtype=float)
-

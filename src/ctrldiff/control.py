@@ -26,6 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ctrldiff.base import BaseModel
+from ctrldiff.ddim import control_is_off
+from ctrldiff.sampling import SamplerConfig, ddim_cfg_step
 
 ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]
 RESNET_CONVS = ["conv1", "conv2"]  # every ResNet block's two 3x3 convolutions
@@ -116,6 +118,33 @@ class ControlledModel:
             "dim": self.y_embedding.weight.shape[1],
         }
         (directory / "control.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+class ControlledStep:
+    """A controlled model's sampling step, as CTRL's rollouts take it: the guided DDIM step with y,
+    and the base's own step (adapters off, y NULL) where ``ddim.control_is_off``."""
+
+    def __init__(self, control: ControlledModel):
+        self.control = control
+
+    def __call__(
+        self,
+        model: BaseModel,
+        x: torch.Tensor,
+        t: int,
+        t_prev: int,
+        z: torch.Tensor,
+        c: torch.Tensor,
+        cfg: SamplerConfig,
+        y: torch.Tensor | None = None,
+        y_null: int | None = None,
+        seeds: list[int] | None = None,
+    ) -> torch.Tensor:
+        if y is None or not control_is_off(model.scheduler, t, t_prev, cfg.eta):
+            return ddim_cfg_step(model, x, t, t_prev, z, c, cfg, y, y_null)
+        null = torch.zeros_like(y) if y.is_floating_point() else torch.full_like(y, y_null)
+        with self.control.reference():
+            return ddim_cfg_step(model, x, t, t_prev, z, c, cfg, null, y_null)
 
 
 def _one_metadata_key(path: Path) -> None:

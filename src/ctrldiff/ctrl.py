@@ -5,7 +5,8 @@
 KL_t compares the fine-tuned and the frozen DDIM means on the same x_t with the step's sigma:
 KL_t = ||mu_ft - mu_pre||^2 / (2 sigma_t^2), summed over dimensions (the true Gaussian KL), or
 averaged over them with ``kl_reduction = "mean"`` (the authors' convention, a far stronger tilt
-for the same gamma). The final step (t_prev = -1) is deterministic (sigma = 0) and has no KL term.
+for the same gamma). A deterministic step (sigma = 0: with the embedded base, the last, into
+t = -1) is the base's own (``ddim.control_is_off``): a change there would have infinite KL.
 
 Truncated back-propagation, "last-K" semantics: gradients flow through the last K denoising steps
 only; the earlier ones run under no_grad. K is fixed for a run (the authors redrew it every update).
@@ -24,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ctrldiff.classifier import Classifier
 from ctrldiff.control import ControlledModel
-from ctrldiff.ddim import ddim_step, timestep_pairs
+from ctrldiff.ddim import control_is_off, ddim_step, timestep_pairs
 from ctrldiff.sampling import guided_eps
 
 
@@ -78,7 +79,10 @@ def rollout(
         in_window = k >= first_grad
         with_grad = in_window and torch.is_grad_enabled()
         with torch.set_grad_enabled(with_grad):
-            if with_grad and cfg.checkpointing:
+            if control_is_off(base.scheduler, t, t_prev, cfg.eta):
+                # the base's deterministic step; the reward's gradient still flows through its input
+                eps = reference_eps(x, t)
+            elif with_grad and cfg.checkpointing:
                 eps = checkpoint(
                     guided_eps, base, x, t, c, cfg.guidance_scale, y, model.y_null, use_reentrant=False
                 )

@@ -65,6 +65,25 @@ def training_target(
     raise _unsupported(kind)
 
 
+def step_sigma(scheduler: DDIMScheduler, t: int, t_prev: int, eta: float) -> torch.Tensor:
+    """The DDIM transition's standard deviation: s^2 = eta^2 (1 - a_prev) / (1 - a_t) (1 - a_t / a_prev)."""
+    a_t, a_prev = alpha_bar(scheduler, t), alpha_bar(scheduler, t_prev)
+    return (eta**2 * (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+
+
+def control_is_off(scheduler: DDIMScheduler, t: int, t_prev: int, eta: float) -> bool:
+    """True on a deterministic step (sigma = 0) of a stochastic chain (eta > 0): a controlled model
+    takes the base's step there.
+
+    Any change to a deterministic transition has infinite KL against the base's, so the path measure
+    CTRL's objective is defined on keeps the base's. With ``set_alpha_to_one`` (the embedded base)
+    the last step, into t = -1, is such a step: without this rule a control could move x0 there at
+    no cost in the KL (measured on a Gaussian known-answer case in tests/test_solvers.py). A chain
+    with eta = 0 is deterministic throughout; it has no KL to keep finite, and the control stays on.
+    """
+    return eta > 0 and float(step_sigma(scheduler, t, t_prev, eta)) == 0.0
+
+
 def ddim_step(
     scheduler: DDIMScheduler, x_t: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int, eta: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -77,6 +96,6 @@ def ddim_step(
     a_t = alpha_bar(scheduler, t).to(x_t)
     a_prev = alpha_bar(scheduler, t_prev).to(x_t)
     x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-    var = eta**2 * (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-    mean = a_prev.sqrt() * x0 + (1 - a_prev - var).clamp(min=0).sqrt() * eps
-    return mean, var.sqrt(), x0
+    sigma = step_sigma(scheduler, t, t_prev, eta).to(x_t)
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+    return mean, sigma, x0

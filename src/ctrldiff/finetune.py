@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers.optimization import get_wsd_schedule
 
-from ctrldiff.control import ControlledModel
+from ctrldiff.control import ControlledModel, ControlledStep
 from ctrldiff.ctrl import CTRLLoss, LossTerms, RolloutConfig
 from ctrldiff.io import atomic_dir
 from ctrldiff.oracles import to_uint8
@@ -124,7 +124,8 @@ def probe(model: ControlledModel, label_meta: dict, sampler: SamplerConfig, per_
     num_y = len(model.y_classes)
     y = torch.arange(num_y).repeat_interleave(per_class)
     c = torch.arange(len(y)) % len(model.base.classes)
-    images = sample(model.base, c, [10**6 + i for i in range(len(y))], sampler, y, model.y_null)
+    seeds = [10**6 + i for i in range(len(y))]
+    images = sample(model.base, c, seeds, sampler, y, model.y_null, ControlledStep(model))
     pixels, tasks, counts = to_uint8(images), control_tasks(label_meta), class_counts(label_meta)
     stats, achieved = {}, []
     for task, asked, k in zip(tasks, split_joint(y.numpy(), counts), counts, strict=True):

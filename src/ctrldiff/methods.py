@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from ctrldiff.base import BaseModel, load_base
-from ctrldiff.control import load_control
+from ctrldiff.control import ControlledStep, load_control
 from ctrldiff.guidance.cfg import CFGOnY
 from ctrldiff.guidance.classifier_guidance import ClassifierGuidance, load_noisy_classifier
 from ctrldiff.guidance.dps import DPS
@@ -55,7 +55,7 @@ def build(
     elif method in ("ctrl", "cfg"):
         directory = (ctrl or models / "ctrl") if method == "ctrl" else models / "cfg"
         control = load_control(base, directory)  # attaches the adapter: move the base afterwards
-        step, y_null = (ddim_cfg_step if method == "ctrl" else CFGOnY(scale)), control.y_null
+        step, y_null = (ControlledStep(control) if method == "ctrl" else CFGOnY(scale)), control.y_null
     elif method == "classifier_guidance":
         noisy = load_noisy_classifier(models / "noisy_classifier", base.scheduler).to(device)
         step, y_null = ClassifierGuidance(noisy, scale), num_y
