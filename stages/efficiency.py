@@ -26,6 +26,7 @@ from ctrldiff.guidance.cfg import CFGOnY, train_cfg
 from ctrldiff.io import read_json, write_json
 from ctrldiff.methods import generate
 from ctrldiff.params import load_params
+from ctrldiff.tilt import load_trajectories
 
 TASK = "compressibility"
 
@@ -72,7 +73,18 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(params.seed)
     ctrl = add_control(load_base("models/base"), classes, ft.lora_rank, ft.lora_targets)
     checkpoint = Path(f"models/efficiency/n{n}_checkpoint")
-    finetune(ctrl, reward, params.gamma, ft, meta, params.seed, checkpoint, code=("stages.efficiency",))
+    trajectories = load_trajectories("data/base_rollouts") if ft.solver == "weighted" else None
+    finetune(
+        ctrl,
+        reward,
+        params.gamma,
+        ft,
+        meta,
+        params.seed,
+        checkpoint,
+        code=("stages.efficiency",),
+        trajectories=trajectories,
+    )
     ctrl_result = evaluate("ctrl", ctrl.base, ControlledStep(ctrl), ctrl.y_null, None)
     ctrl_result |= {
         "classifier_val_accuracy": clf_metrics["val_accuracy_real"],  # on the held-out real pairs

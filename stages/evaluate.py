@@ -9,12 +9,15 @@ import argparse
 import json
 
 import pandas as pd
+import torch
 
 from ctrldiff.classifier import Classifier
 from ctrldiff.data import table_images
 from ctrldiff.evaluation import evaluate_samples, real_by_split
 from ctrldiff.io import write_json
-from ctrldiff.tasks import SETTINGS
+from ctrldiff.oracles import to_model_space
+from ctrldiff.params import load_params
+from ctrldiff.tasks import SETTINGS, load_reward
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,6 +50,20 @@ def main(argv: list[str] | None = None) -> None:
         sample_meta["cost"],
     )
     metrics["scale"] = sample_meta.get("scale")  # the guidance scale `tune` chose (None: no scale)
+    # CTRL's own terms on these images: E log p̂(y | x) under the reward, and (CTRL) the trajectory KL
+    reward = load_reward(label_meta, weights=load_params("params.yaml").multitask.weights).requires_grad_(
+        False
+    )
+    images = to_model_space(table_images(samples, label_meta["resolution"], label_meta["channels"]))
+    y = torch.tensor(samples["y"].to_numpy())
+    with torch.no_grad():
+        log_p = torch.cat(
+            [reward.log_prob(x, yy) for x, yy in zip(images.split(500), y.split(500), strict=True)]
+        )
+    metrics["objective"] = {
+        "reward_log_p": float(log_p.mean()),
+        "kl": float(samples["kl"].mean()) if "kl" in samples else (0.0 if method == "base" else None),
+    }
     write_json(setting.metrics / "eval" / f"{method}.json", metrics)
     fid = metrics["fidelity"]
     tasks = ", ".join(

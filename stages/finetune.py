@@ -25,6 +25,7 @@ from ctrldiff.finetune import finetune
 from ctrldiff.io import atomic_dir, write_json
 from ctrldiff.params import load_params
 from ctrldiff.tasks import SETTINGS, load_reward, num_joint_classes
+from ctrldiff.tilt import load_trajectories
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> None:
             setting.checkpoint,
             live,
             code=("stages.finetune",),
+            trajectories=load_trajectories("data/base_rollouts")
+            if params.finetune.solver == "weighted"
+            else None,
         )
     minutes = (time.perf_counter() - start) / 60
     if state.is_main_process:
@@ -79,6 +83,7 @@ def summary(result: dict, updates: int, minutes: float) -> dict:
     return {
         "updates": updates,
         "resumed_from_update": result["start_update"],  # 0: trained from scratch in this run
+        "ess": result.get("ess"),  # weighted: effective base images per (c, y)
         "trajectories_per_update": result["trajectories_per_update"],
         "minutes_this_run": round(minutes, 2),
         "final_reward": last.get("reward"),

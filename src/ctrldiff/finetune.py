@@ -22,13 +22,15 @@ from tqdm import tqdm
 from transformers.optimization import get_wsd_schedule
 
 from ctrldiff.control import ControlledModel, ControlledStep
-from ctrldiff.ctrl import CTRLLoss, LossTerms, RolloutConfig
+from ctrldiff.ctrl import LossTerms, RolloutConfig
 from ctrldiff.io import atomic_dir
 from ctrldiff.oracles import to_uint8
 from ctrldiff.params import FinetuneParams
 from ctrldiff.provenance import source_hash
-from ctrldiff.sampling import SamplerConfig, request_noise, sample
+from ctrldiff.sampling import SamplerConfig, sample
+from ctrldiff.solvers import Backprop, Weighted
 from ctrldiff.tasks import class_counts, control_tasks, join, oracle_classes, split_joint
+from ctrldiff.tilt import Trajectories
 
 # FinetuneParams fields that change no trained weight (a run resumes across them) or only lengthen
 # the run: `updates` may grow and `decay_updates` be appended (a cool-down) to a finished run.
@@ -39,6 +41,7 @@ NOT_FINGERPRINTED = (
     "checkpoint_every",
     "probe_every",
     "probe_per_class",
+    "min_ess",  # a warning's threshold
 )
 
 
@@ -48,25 +51,38 @@ def config_hash(*sections) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def weights_hash(*modules: torch.nn.Module) -> str:
-    """Fingerprint of modules' weights: a checkpoint trained against another reward or base is not resumed."""
+def tensors_hash(named: dict[str, torch.Tensor]) -> str:
+    """Fingerprint of named tensors' exact bytes."""
     digest = hashlib.sha256()
-    for module in modules:
-        for name, tensor in module.state_dict().items():
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for name, tensor in named.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
+def weights_hash(*modules: torch.nn.Module) -> str:
+    """Fingerprint of modules' weights: a checkpoint trained against another reward or base is not resumed."""
+    return tensors_hash({f"{i}.{n}": t for i, m in enumerate(modules) for n, t in m.state_dict().items()})
+
+
 def fingerprint(
-    cfg: FinetuneParams, gamma: float, seed: int, processes: int, model: ControlledModel, reward, code: str
+    cfg: FinetuneParams,
+    gamma: float,
+    seed: int,
+    processes: int,
+    model: ControlledModel,
+    reward,
+    code: str,
+    trajectories: Trajectories | None = None,
 ) -> str:
     """Everything that changes the trained weights: the recipe, gamma, seed, process count, the base's
     weights (its UNet and class encoder: the prompts at paper scale), the fresh adapter, the reward's
-    weights, and the source of the code that runs an update (``code``: a provenance.source_hash)."""
+    weights, the source of the code that runs an update (``code``: a provenance.source_hash) and,
+    for the weighted solver, the base trajectories it fits."""
     recipe = cfg.model_dump(exclude=set(NOT_FINGERPRINTED))
     weights = weights_hash(reward, model.base.unet, model.base.encoder)
-    return config_hash(recipe, gamma, seed, processes, weights, code)
+    data = "" if trajectories is None else tensors_hash({"states": trajectories.states, "c": trajectories.c})
+    return config_hash(recipe, gamma, seed, processes, weights, code, data)
 
 
 def _trainable(model: ControlledModel) -> dict[str, torch.Tensor]:
@@ -170,13 +186,15 @@ def finetune(
     checkpoint_dir: Path,
     live=None,
     code: tuple[str, ...] = ("ctrldiff.finetune",),
+    trajectories: Trajectories | None = None,
 ) -> dict:
-    """Run CTRL updates until ``cfg.updates``, resuming from ``checkpoint_dir`` when possible.
+    """Run CTRL updates of ``cfg.solver`` until ``cfg.updates``, resuming from ``checkpoint_dir``.
 
     ``reward`` has ``log_prob(x, y)`` and per-class scores (a Classifier or a tasks.JointReward).
-    Rollouts use ``cfg.rollout``. ``code``: the modules whose source (with what they import) the
-    checkpoint fingerprints; a stage passes its own. Only the main process writes the checkpoint and
-    the log; the returned history covers every update, those before a resume included.
+    Rollouts use ``cfg.rollout``. ``trajectories``: the base's own (stage `base_rollouts`), which the
+    weighted solver fits. ``code``: the modules whose source (with what they import) the checkpoint
+    fingerprints; a stage passes its own. Only the main process writes the checkpoint and the log;
+    the returned history covers every update, those before a resume included.
     """
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # several CPU processes (gloo) when launched with torchrun
@@ -200,9 +218,18 @@ def finetune(
     ro = cfg.rollout
     rollout_cfg = RolloutConfig(ro.steps, ro.eta, ro.guidance_scale, cfg.grad_steps, cfg.checkpointing)
     sampler = SamplerConfig(ro.steps, ro.eta, ro.guidance_scale)
-    loss_fn = CTRLLoss(reward, gamma, rollout_cfg, cfg.kl_reduction)
+    if cfg.solver == "weighted":
+        if trajectories is None:
+            raise ValueError(
+                "finetune.solver = weighted needs the base trajectories: run `dvc repro base_rollouts`"
+            )
+        solver = Weighted(reward, gamma, rollout_cfg, cfg.kl_reduction, trajectories, model, cfg.min_ess)
+    else:
+        solver, trajectories = Backprop(reward, gamma, rollout_cfg, cfg.kl_reduction), None
     print_ = accelerator.print
-    key = fingerprint(cfg, gamma, seed, accelerator.num_processes, model, reward, source_hash(*code))
+    key = fingerprint(
+        cfg, gamma, seed, accelerator.num_processes, model, reward, source_hash(*code), trajectories
+    )
     start, history = load_checkpoint(checkpoint_dir, model, opt, key)
     # Both rates: linear warm-up, constant, linear decay to 0 over the last `decay_updates`. A function
     # of the update alone, built at `start` from the current settings (so it is not checkpointed), and
@@ -210,9 +237,9 @@ def finetune(
     sched = get_wsd_schedule(
         opt, cfg.warmup_updates, cfg.decay_updates, cfg.updates, decay_type="linear", last_epoch=start - 1
     )
-    trajectories = cfg.batch_size * accelerator.num_processes * cfg.grad_accumulation
+    per_update = cfg.batch_size * accelerator.num_processes * cfg.grad_accumulation
     print_(
-        f"finetune: {trajectories} trajectories per update = {cfg.batch_size} x "
+        f"finetune ({cfg.solver}): {per_update} requests per update = {cfg.batch_size} x "
         f"{accelerator.num_processes} processes x {cfg.grad_accumulation} accumulation; "
         f"starting at update {start}"
     )
@@ -245,16 +272,15 @@ def finetune(
                 len(base.classes),
                 num_y,
             )
-            noise = request_noise(seeds, base.sample_shape, ro.steps).to(device)
             with accelerator.autocast():
-                # the whole trajectory's KL (the reference on every step) only at the probe updates
-                loss, terms = loss_fn(model, c.to(device), y.to(device), noise, full_kl=probing)
+                loss, terms = solver(model, c, y, seeds, probing)
             bad = bad + (~torch.isfinite(loss.detach())).float().cpu()
             accelerator.backward(loss)  # divides by grad_accumulation itself: the mean over micro-batches
-            stats = {"loss": loss.item()} | terms.stats()
+            stats = {"loss": loss.item()} | ({} if terms is None else terms.stats())
             for k, v in stats.items():
                 stats_sum[k] = stats_sum.get(k, 0.0) + v / cfg.grad_accumulation
-            classes += per_class_sums(terms, y, num_y)
+            if terms is not None:
+                classes += per_class_sums(terms, y, num_y)
         # Every rank learns whether any rank went non-finite, and all stop together (no rank left
         # waiting in an all-reduce for one that raised).
         if float(accelerator.reduce(bad.to(device), "sum")) > 0:
@@ -276,10 +302,14 @@ def finetune(
 
         if probing:
             stats_sum |= probe(model, label_meta, sampler, cfg.probe_per_class)
-        stats_sum["reward_queries"] = (update + 1) * trajectories
+        # reward queries: the weighted solver scored its base images once, before the first update
+        stats_sum["reward_queries"] = (
+            (update + 1) * per_update if trajectories is None else len(trajectories.c)
+        )
         history.append({"update": update + 1} | stats_sum)
         bar.set_postfix(
-            reward=f"{stats_sum['reward']:.3f}", kl=f"{stats_sum['kl_window']:.2f}", refresh=False
+            {k: f"{stats_sum[k]:.3f}" for k in ("loss", "reward", "kl_window") if k in stats_sum},
+            refresh=False,
         )
         log(history[-1])
         if accelerator.is_main_process and (
@@ -287,4 +317,7 @@ def finetune(
         ):
             save_checkpoint(checkpoint_dir, model, opt, update + 1, key, history)
         accelerator.wait_for_everyone()
-    return {"start_update": start, "history": history, "trajectories_per_update": trajectories}
+    out = {"start_update": start, "history": history, "trajectories_per_update": per_update}
+    if isinstance(solver, Weighted):
+        out["ess"] = solver.ess.tolist()  # (c, y): the effective base images behind each target
+    return out

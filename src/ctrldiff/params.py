@@ -161,10 +161,27 @@ class RolloutParams(_Section):
     guidance_scale: float = Field(2.0, ge=1.0)  # classifier-free guidance on c (NULL c and NULL y)
 
 
-class FinetuneParams(_Section):
-    """CTRL fine-tuning: rollouts with the `rollout` sampler, gradients through the last K steps."""
+class BaseRolloutsParams(_Section):
+    """The base's own trajectories (stage `base_rollouts`, with the `finetune.rollout` sampler): the
+    `weighted` solver fits their reweighting, and the `optimum` stage reweights their images."""
 
+    n_per_c: int = Field(300, ge=1)  # trajectories per base class c
+    seed: int = 300_000  # trajectory i uses seed + i, disjoint from the evaluation's and tuning's
+    batch_size: int = Field(100, ge=1)
+
+
+class FinetuneParams(_Section):
+    """CTRL fine-tuning: the solver of its KL-regularised RL step, and its rollouts' sampler.
+
+    backprop: direct back-propagation through the last K rollout steps (the paper's Algorithm 2);
+    weighted: reward-weighted regression of each step's mean onto the base's own trajectories,
+    reweighted by p̂(y | x0)^gamma (solvers/weighted.py). ``batch_size`` counts trajectories
+    (backprop) or (trajectory, step) pairs (weighted).
+    """
+
+    solver: Literal["backprop", "weighted"] = "backprop"
     rollout: RolloutParams = RolloutParams()
+    min_ess: float = Field(5.0, gt=0)  # weighted: warn where a (c, y) rests on fewer effective base images
     updates: int = Field(150, ge=1)
     batch_size: int = Field(16, ge=1)  # trajectories per process per micro-step
     grad_accumulation: int = Field(1, ge=1)
@@ -284,6 +301,7 @@ class Params(_Section):
     classifier: ClassifierParams = ClassifierParams()
     base: BaseParams = BaseParams()
     sample: SampleParams = SampleParams()
+    base_rollouts: BaseRolloutsParams = BaseRolloutsParams()
     finetune: FinetuneParams = FinetuneParams()
     baselines: BaselinesParams = BaselinesParams()
     efficiency: EfficiencyParams = EfficiencyParams()
