@@ -1,8 +1,17 @@
 import pytest
 import torch
 
-from ctrldiff.control import ATTENTION_PROJECTIONS, RESNET_CONVS, YEmbedding, add_control, load_control
-from ctrldiff.sampling import SamplerConfig, guided_eps, sample
+from ctrldiff.control import (
+    ATTENTION_PROJECTIONS,
+    RESNET_CONVS,
+    ControlledStep,
+    YEmbedding,
+    add_control,
+    load_control,
+)
+from ctrldiff.ctrl import RolloutConfig, rollout
+from ctrldiff.ddim import timestep_pairs
+from ctrldiff.sampling import SamplerConfig, ddim_cfg_step, guided_eps, request_noise, sample
 from tests.conftest import micro_base
 
 
@@ -106,3 +115,40 @@ def test_a_saved_adapter_has_the_same_bytes_in_every_process(tmp_path):
         assert (tmp_path / "1" / f).read_bytes() == (tmp_path / "2" / f).read_bytes(), f
     loaded = load_control(micro_base(), tmp_path / "1")  # still loads through diffusers
     assert loaded.lora_rank == 2
+
+
+def test_the_controlled_step_takes_the_bases_step_where_the_chain_is_deterministic():
+    base, ref = micro_base(), micro_base()
+    model = add_control(base, [0, 1], lora_rank=2)
+    with torch.no_grad():
+        for name, p in base.unet.named_parameters():
+            if "lora_" in name:
+                p.normal_()
+    cfg = SamplerConfig(steps=4, eta=1.0, guidance_scale=2.0)
+    x, z, c, y = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8), torch.tensor([0, 1]), torch.tensor([1, 0])
+    step = ControlledStep(model)
+    *stochastic, last = timestep_pairs(base.scheduler, cfg.steps)
+    with torch.no_grad():
+        # the last step (into t = -1, sigma = 0): the frozen base's, whatever the adapter
+        torch.testing.assert_close(
+            step(base, x, *last, z, c, cfg, y, model.y_null), ddim_cfg_step(ref, x, *last, z, c, cfg)
+        )
+        t, t_prev = stochastic[0]
+        controlled = step(base, x, t, t_prev, z, c, cfg, y, model.y_null)
+        torch.testing.assert_close(controlled, ddim_cfg_step(base, x, t, t_prev, z, c, cfg, y, model.y_null))
+        assert not torch.allclose(controlled, ddim_cfg_step(ref, x, t, t_prev, z, c, cfg))
+
+
+def test_training_rollouts_and_sampling_draw_the_same_image_for_a_seed():
+    base = micro_base()
+    model = add_control(base, [0, 1], lora_rank=2)
+    with torch.no_grad():
+        for name, p in base.unet.named_parameters():
+            if "lora_" in name:
+                p.normal_()
+    seeds, c, y = [5, 6], torch.tensor([0, 1]), torch.tensor([1, 0])
+    ro = RolloutConfig(steps=4, eta=1.0, guidance_scale=2.0, grad_steps=2)
+    with torch.no_grad():
+        x0, _, _ = rollout(model, c, y, request_noise(seeds, base.sample_shape, ro.steps), ro)
+        sampled = sample(base, c, seeds, SamplerConfig(4, 1.0, 2.0), y, model.y_null, ControlledStep(model))
+    torch.testing.assert_close(x0.clamp(-1, 1), sampled)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from ctrldiff.ddim import ddim_step, predicted_eps, timestep_pairs, training_target
+from ctrldiff.ddim import control_is_off, ddim_step, predicted_eps, timestep_pairs, training_target
 
 
 @pytest.fixture
@@ -74,3 +74,13 @@ def test_an_unknown_prediction_type_is_named():
     scheduler.register_to_config(prediction_type="flow")
     with pytest.raises(ValueError, match="flow"):
         predicted_eps(scheduler, torch.zeros(1), torch.zeros(1), 10)
+
+
+def test_the_control_is_off_exactly_on_the_deterministic_steps_of_a_stochastic_chain(scheduler):
+    pairs = timestep_pairs(scheduler, 10)
+    assert [control_is_off(scheduler, t, tp, 1.0) for t, tp in pairs] == [False] * 9 + [True]
+    assert not any(control_is_off(scheduler, t, tp, 0.0) for t, tp in pairs)  # eta = 0: the control stays on
+    sd = DDIMScheduler(
+        beta_schedule="scaled_linear", set_alpha_to_one=False, steps_offset=1, clip_sample=False
+    )
+    assert not any(control_is_off(sd, t, tp, 1.0) for t, tp in timestep_pairs(sd, 50))  # sigma > 0 throughout

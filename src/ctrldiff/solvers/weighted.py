@@ -6,7 +6,7 @@ ICLR 2025). Its transition from x_k is the base's Gaussian kernel tilted by the 
 mean is E_w[x_{k+1} | x_k]. Writing each base transition as x_{k+1} = μ_pre(x_k) + σ_k z_{k+1} (z the
 trajectory's own noise), the weighted regression
 
-    L(θ) = E_{(c, y)} E_{i ~ w(· | c, y)} E_k  ‖(μ_θ(x_k^i; c, y) − μ_pre(x_k^i)) / σ_k − z_{k+1}^i‖² / 2
+    L(θ) = E_{(c, y)} E_{i ~ w(· | c, y)} mean_k  ‖(μ_θ(x_k^i; c, y) − μ_pre(x_k^i)) / σ_k − z_{k+1}^i‖² / 2
 
 is minimised by μ_θ − μ_pre = σ_k E_w[z_{k+1} | x_k], which is the tilted kernel's mean shift (exact
 where that kernel is Gaussian, i.e. for small steps), and its excess over the minimum is that step's
@@ -19,9 +19,11 @@ Classifier-free guidance: μ_θ is the mean of the guided step exactly as the ro
 evaluation sample it (both branches through the LoRA, y against NULL y and NULL c), and μ_pre that of
 the base's guided step. So the chain that is fitted is the chain that is sampled, and no NULL-y
 dropout is needed: the unconditional branch is trained only through the guided mean it enters.
-The loss averages over dimensions (its minimiser is that of the sum; the sum would only rescale it).
-Only the stochastic steps are fitted: the last one (sigma = 0, into t = -1) carries no transition
-noise to regress onto.
+Each request draws one trajectory and is fitted on all its stochastic steps, so ``batch_size`` counts
+trajectories as for backprop, at about the cost of one rollout with gradients. The loss averages
+over steps and dimensions (its minimiser is that of the sum; the sum would only rescale it). A
+deterministic step (sigma = 0) has no transition noise to regress onto: there the control is off
+(``ddim.control_is_off``), as in sampling.
 """
 
 from __future__ import annotations
@@ -84,11 +86,11 @@ class Weighted:
         self.pairs = pairs
         self.stochastic = [k for k, (_, t_prev) in enumerate(pairs) if t_prev >= 0]
 
-    def draw(self, c: torch.Tensor, y: torch.Tensor, seeds: list[int]) -> tuple[list[int], list[int]]:
-        """For each request: a base trajectory of its c drawn by its (c, y) weights, and a step.
+    def draw(self, c: torch.Tensor, y: torch.Tensor, seeds: list[int]) -> list[int]:
+        """For each request: a base trajectory of its c, drawn by its (c, y) weights.
 
         One generator per micro-batch, seeded by its first request's seed (the loop's seeds are a
-        function of (seed, update, rank), so a resumed run draws the same pairs)."""
+        function of (seed, update, rank), so a resumed run draws the same trajectories)."""
         g = torch.Generator().manual_seed(seeds[0] % 2**63)
         rows = torch.empty(len(c), dtype=torch.long)
         for ci, yi in torch.unique(torch.stack([c, y], 1), dim=0).tolist():
@@ -96,34 +98,29 @@ class Weighted:
             candidates = torch.from_numpy(self.rows[ci])
             picks = torch.multinomial(self.weights[candidates, yi], len(sel), replacement=True, generator=g)
             rows[sel] = candidates[picks]
-        steps = torch.tensor(self.stochastic)[torch.randint(len(self.stochastic), (len(c),), generator=g)]
-        return rows.tolist(), steps.tolist()
+        return rows.tolist()
 
     def __call__(
         self, model: ControlledModel, c: torch.Tensor, y: torch.Tensor, seeds: list[int], probing: bool
     ) -> tuple[torch.Tensor, LossTerms | None]:
         base, device = model.base, model.base.device
-        rows, steps = self.draw(c, y, seeds)
+        rows = self.draw(c, y, seeds)
         noise = self.traj.noise(rows)
-        k_of = torch.tensor(steps)
+        c, y = c.to(device), y.to(device)
         loss = torch.zeros((), device=device)
-        for k in sorted(set(steps)):  # one denoiser call per step present in the batch
-            sel = torch.nonzero(k_of == k).flatten()
-            idx = [rows[j] for j in sel.tolist()]
-            x = self.traj.states[idx, k].to(device)
-            x_next = self.traj.states[idx, k + 1].to(device)
-            z = noise[sel, k + 1].to(device)
+        for k in self.stochastic:  # every stochastic step of each drawn trajectory
             t, t_prev = self.pairs[k]
-            eps = guided_eps(
-                base, x, t, c[sel].to(device), self.cfg.guidance_scale, y[sel].to(device), model.y_null
-            )
+            x = self.traj.states[rows, k].to(device)
+            x_next = self.traj.states[rows, k + 1].to(device)
+            z = noise[:, k + 1].to(device)
+            eps = guided_eps(base, x, t, c, self.cfg.guidance_scale, y, model.y_null)
             mean, sigma, _ = ddim_step(base.scheduler, x, eps, t, t_prev, self.cfg.eta)
             mean_pre = x_next - sigma * z  # the base's own step mean on this trajectory
             residual = ((mean - mean_pre) / sigma - z).pow(2).flatten(1).mean(1) / 2
-            loss = loss + residual.sum() / len(rows)
+            loss = loss + residual.mean() / len(self.stochastic)
         terms = None
         if probing:  # the current model's own rollouts, for the log's reward and whole-trajectory KL
             with torch.no_grad():
                 roll = request_noise(seeds, base.sample_shape, self.cfg.steps).to(device)
-                _, terms = self.on_policy(model, c.to(device), y.to(device), roll, full_kl=True)
+                _, terms = self.on_policy(model, c, y, roll, full_kl=True)
         return loss, terms
