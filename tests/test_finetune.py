@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers.optimization import get_constant_schedule_with_warmup
@@ -12,16 +13,29 @@ import ctrldiff.finetune as ft
 from ctrldiff.control import add_control
 from ctrldiff.finetune import draw_batch, finetune
 from ctrldiff.io import read_json
+from ctrldiff.sampling import SamplerConfig
+from ctrldiff.tilt import base_trajectories
 from tests.conftest import LABEL_META, free_port, micro_base, micro_finetune, micro_reward
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(updates: int, ckpt: Path, gamma: float = 10.0, reward=None, **kw):
+def micro_trajectories(cfg, seed: int = 0, n: int = 12):
+    """The micro base's own trajectories, n over its 3 classes c, with the rollout sampler of ``cfg``."""
+    ro = cfg.rollout
+    seeds = list(range(seed, seed + n))
+    sampler = SamplerConfig(ro.steps, ro.eta, ro.guidance_scale)
+    return base_trajectories(micro_base(), torch.arange(n) % 3, seeds, sampler, n)
+
+
+def run(updates: int, ckpt: Path, gamma: float = 10.0, reward=None, trajectories_seed: int = 0, **kw):
     model = add_control(micro_base(), [0, 1, 2, 3], lora_rank=2)
     torch.manual_seed(0)
+    if kw.get("solver") == "weighted":
+        kw.setdefault("min_ess", 1.0)
     cfg = micro_finetune(updates=updates, checkpoint_every=1, probe_every=2, probe_per_class=1, **kw)
-    result = finetune(model, reward or micro_reward(), gamma, cfg, LABEL_META, 0, ckpt)
+    traj = micro_trajectories(cfg, trajectories_seed) if cfg.solver == "weighted" else None
+    result = finetune(model, reward or micro_reward(), gamma, cfg, LABEL_META, 0, ckpt, trajectories=traj)
     return model, result
 
 
@@ -53,7 +67,8 @@ def kill_after(monkeypatch, update: int) -> None:
 
 
 @pytest.mark.parametrize(  # the rate schedule is rebuilt at the resumed update, mid-warm-up or mid-decay
-    "schedule", [{}, {"warmup_updates": 4}, {"warmup_updates": 1, "decay_updates": 2}]
+    "schedule",
+    [{}, {"warmup_updates": 4}, {"warmup_updates": 1, "decay_updates": 2}, {"solver": "weighted"}],
 )
 def test_resume_continues_from_the_saved_update_and_matches_an_uninterrupted_run(
     tmp_path, monkeypatch, schedule
@@ -283,3 +298,20 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_message(tmp_pat
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)  # a hang fails here
     assert proc.returncode != 0
     assert proc.stderr.count("non-finite loss at update 0") >= 2, proc.stderr[-3000:]  # both ranks say it
+
+
+def test_weighted_logs_its_probes_and_does_not_resume_on_other_base_trajectories(tmp_path):
+    model, result = run(2, tmp_path / "ckpt", solver="weighted")
+    first, second = result["history"]
+    assert "reward" not in first and "loss" in first  # no rollout outside the probe updates
+    assert {"reward", "kl", "probe/oracle_accuracy"} <= set(second)  # the probe: on-policy reward and KL
+    assert np.array(result["ess"]).shape == (3, 4) and second["reward_queries"] == 12
+    _, again = run(2, tmp_path / "ckpt", solver="weighted", trajectories_seed=100)
+    assert again["start_update"] == 0  # other trajectories, other fit: trained afresh
+
+
+def test_weighted_needs_the_base_trajectories(tmp_path):
+    model = add_control(micro_base(), [0, 1, 2, 3], lora_rank=2)
+    cfg = micro_finetune(updates=1, solver="weighted")
+    with pytest.raises(ValueError, match="base_rollouts"):
+        finetune(model, micro_reward(), 10.0, cfg, LABEL_META, 0, tmp_path / "ckpt")
