@@ -68,7 +68,13 @@ def kill_after(monkeypatch, update: int) -> None:
 
 @pytest.mark.parametrize(  # the rate schedule is rebuilt at the resumed update, mid-warm-up or mid-decay
     "schedule",
-    [{}, {"warmup_updates": 4}, {"warmup_updates": 1, "decay_updates": 2}, {"solver": "weighted"}],
+    [
+        {},
+        {"warmup_updates": 4},
+        {"warmup_updates": 1, "decay_updates": 2},
+        {"solver": "weighted"},
+        {"solver": "adjoint"},
+    ],
 )
 def test_resume_continues_from_the_saved_update_and_matches_an_uninterrupted_run(
     tmp_path, monkeypatch, schedule

@@ -24,7 +24,7 @@ from ctrldiff.ctrl import RolloutConfig
 from ctrldiff.ddim import ddim_step, predicted_eps, timestep_pairs
 from ctrldiff.objective import trajectory_kl
 from ctrldiff.sampling import SamplerConfig, sample
-from ctrldiff.solvers import Backprop, Weighted
+from ctrldiff.solvers import Adjoint, Backprop, Weighted
 from ctrldiff.tilt import base_trajectories
 
 MU, S = 0.5, 0.3  # the base's data distribution N(MU, S^2)
@@ -193,6 +193,13 @@ def test_weighted_reaches_the_tilted_targets_mean_and_variance():
 def test_backprop_reaches_the_tilted_targets_mean_and_variance():
     model = ToyControl()
     solver = Backprop(GaussianReward(), GAMMA, RolloutConfig(STEPS, 1.0, 1.0, grad_steps=STEPS), "sum")
+    fit(solver, model, updates=300, batch=128, lr=0.02)
+    assert_reaches_the_tilt(model)
+
+
+def test_adjoint_matching_reaches_the_tilted_targets_mean_and_variance():
+    model = ToyControl()
+    solver = Adjoint(GaussianReward(), GAMMA, RolloutConfig(STEPS, 1.0, 1.0, grad_steps=STEPS), "sum")
     fit(solver, model, updates=300, batch=128, lr=0.02)
     assert_reaches_the_tilt(model)
 

@@ -28,7 +28,7 @@ from ctrldiff.oracles import to_uint8
 from ctrldiff.params import FinetuneParams
 from ctrldiff.provenance import source_hash
 from ctrldiff.sampling import SamplerConfig, sample
-from ctrldiff.solvers import Backprop, Weighted
+from ctrldiff.solvers import Adjoint, Backprop, Weighted
 from ctrldiff.tasks import class_counts, control_tasks, join, oracle_classes, split_joint
 from ctrldiff.tilt import Trajectories
 
@@ -224,6 +224,8 @@ def finetune(
                 "finetune.solver = weighted needs the base trajectories: run `dvc repro base_rollouts`"
             )
         solver = Weighted(reward, gamma, rollout_cfg, cfg.kl_reduction, trajectories, model, cfg.min_ess)
+    elif cfg.solver == "adjoint":
+        solver, trajectories = Adjoint(reward, gamma, rollout_cfg, cfg.kl_reduction), None
     else:
         solver, trajectories = Backprop(reward, gamma, rollout_cfg, cfg.kl_reduction), None
     print_ = accelerator.print

@@ -175,11 +175,12 @@ class FinetuneParams(_Section):
 
     backprop: direct back-propagation through the last K rollout steps (the paper's Algorithm 2);
     weighted: reward-weighted regression of each step's mean onto the base's own trajectories,
-    reweighted by p̂(y | x0)^gamma (solvers/weighted.py). ``batch_size`` counts trajectories
-    (backprop) or (trajectory, step) pairs (weighted).
+    reweighted by p̂(y | x0)^gamma (solvers/weighted.py); adjoint: Adjoint Matching, each step's
+    control regressed onto the reward's lean adjoint on the current model's rollouts
+    (solvers/adjoint.py). ``batch_size`` counts trajectories for every solver.
     """
 
-    solver: Literal["backprop", "weighted"] = "backprop"
+    solver: Literal["backprop", "weighted", "adjoint"] = "backprop"
     rollout: RolloutParams = RolloutParams()
     min_ess: float = Field(5.0, gt=0)  # weighted: warn where a (c, y) rests on fewer effective base images
     updates: int = Field(150, ge=1)

@@ -11,9 +11,10 @@ solver rolls nothing out. At ``probing`` updates every solver returns them, with
 trajectory KL, so that every solver's log reads the same objective.
 """
 
+from ctrldiff.solvers.adjoint import Adjoint
 from ctrldiff.solvers.backprop import Backprop
 from ctrldiff.solvers.weighted import Weighted
 
-SOLVERS = {"backprop": Backprop, "weighted": Weighted}
+SOLVERS = {"backprop": Backprop, "weighted": Weighted, "adjoint": Adjoint}
 
-__all__ = ["SOLVERS", "Backprop", "Weighted"]
+__all__ = ["SOLVERS", "Adjoint", "Backprop", "Weighted"]
