@@ -273,6 +273,7 @@ def test_the_fingerprint_covers_what_changes_the_weights_and_nothing_else():
         "clip_grad_norm": 1.0,
         "kl_reduction": "mean",
         "mixed_precision": "bf16",
+        "solver": "adjoint",
     }
     unchanged = {
         "updates": 500,
@@ -281,6 +282,7 @@ def test_the_fingerprint_covers_what_changes_the_weights_and_nothing_else():
         "checkpoint_every": 7,
         "probe_every": 3,
         "probe_per_class": 9,
+        "min_ess": 2.0,
     }
     assert set(changed) | set(unchanged) == set(FinetuneParams.model_fields)
     assert set(unchanged) == set(NOT_FINGERPRINTED)

@@ -18,12 +18,14 @@ from ctrldiff.classifier import Classifier, ClassifierError
 from ctrldiff.data import SourceError, load_pixels
 from stages import (
     base,
+    base_rollouts,
     compare_multitask,
     continuous,
     evaluate,
     finetune,
     label,
     label_multitask,
+    optimum,
     sample,
     train_classifier,
 )
@@ -43,6 +45,8 @@ def smoke_run(tmp_path_factory) -> Path:
         for task in ("compressibility", "digit"):
             train_classifier.main(["--task", task])
         base.main([])
+        base_rollouts.main([])  # the smoke parameters train CTRL with the weighted solver
+        optimum.main([])
         finetune.main([])
         for method in ("base", "ctrl"):
             sample.main(["--method", method])
@@ -156,6 +160,15 @@ def test_bad_pretrained_path_or_prompt_file_is_named(tmp_path):
         read_prompts(tmp_path / "empty.txt")
 
 
+def test_smoke_optimum_reports_the_tilted_targets_terms(smoke_run):
+    m = json.loads((smoke_run / "metrics/optimum.json").read_text())
+    o = m["objective"]
+    assert m["n_per_c"] == 4 and 0 <= m["tasks"]["compressibility"]["accuracy"] <= 1
+    assert o["kl"] >= 0 and o["objective"] == pytest.approx(m["gamma"] * o["reward_log_p"] - o["kl"])
+    ctrl = json.loads((smoke_run / "metrics/eval/ctrl.json").read_text())
+    assert ctrl["objective"]["kl"] >= 0  # the trajectory KL of CTRL's own samples
+
+
 def test_smoke_finetune_writes_adapter_checkpoint_and_log(smoke_run):
     summary = json.loads((smoke_run / "metrics/finetune.json").read_text())
     assert summary["updates"] == 2 and summary["trajectories_per_update"] == 2
@@ -242,7 +255,14 @@ def test_finetune_stage_on_two_processes_writes_complete_outputs_and_each_log_li
     from ctrldiff.control import load_control
     from tests.conftest import free_port
 
-    for part in ("params.yaml", "data/labelled", "models/base", "models/classifier/compressibility"):
+    parts = (
+        "params.yaml",
+        "data/labelled",
+        "data/base_rollouts",
+        "models/base",
+        "models/classifier/compressibility",
+    )
+    for part in parts:
         src, dst = smoke_run / part, tmp_path / part
         shutil.copytree(src, dst) if src.is_dir() else shutil.copy(src, dst)
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
