@@ -15,6 +15,14 @@ from ctrldiff.sampling import SamplerConfig, ddim_cfg_step, guided_eps, request_
 from tests.conftest import micro_base
 
 
+def perturb_lora(base) -> None:
+    """Random LoRA weights, so that the adapted model differs from the base."""
+    with torch.no_grad():
+        for name, p in base.unet.named_parameters():
+            if "lora_" in name:
+                p.normal_()
+
+
 @pytest.mark.parametrize("targets", [None, ATTENTION_PROJECTIONS + RESNET_CONVS])
 def test_augmented_model_equals_the_base_at_initialisation(targets):
     base, ref = micro_base(), micro_base()
@@ -49,10 +57,7 @@ def test_null_row_stays_zero_and_gets_no_gradient():
 def test_reference_context_disables_the_adapters():
     base, ref = micro_base(), micro_base()
     model = add_control(base, [0, 1], lora_rank=2)
-    with torch.no_grad():
-        for name, p in base.unet.named_parameters():
-            if "lora_" in name:
-                p.normal_()
+    perturb_lora(base)
     x, c, y_null = torch.randn(2, 1, 8, 8), torch.tensor([0, 1]), torch.tensor([2, 2])
     with torch.no_grad():
         changed = guided_eps(base, x, 300, c, 1.0, y_null)
@@ -120,10 +125,7 @@ def test_a_saved_adapter_has_the_same_bytes_in_every_process(tmp_path):
 def test_the_controlled_step_takes_the_bases_step_where_the_chain_is_deterministic():
     base, ref = micro_base(), micro_base()
     model = add_control(base, [0, 1], lora_rank=2)
-    with torch.no_grad():
-        for name, p in base.unet.named_parameters():
-            if "lora_" in name:
-                p.normal_()
+    perturb_lora(base)
     cfg = SamplerConfig(steps=4, eta=1.0, guidance_scale=2.0)
     x, z, c, y = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8), torch.tensor([0, 1]), torch.tensor([1, 0])
     step = ControlledStep(model)
@@ -142,10 +144,7 @@ def test_the_controlled_step_takes_the_bases_step_where_the_chain_is_determinist
 def test_training_rollouts_and_sampling_draw_the_same_image_for_a_seed():
     base = micro_base()
     model = add_control(base, [0, 1], lora_rank=2)
-    with torch.no_grad():
-        for name, p in base.unet.named_parameters():
-            if "lora_" in name:
-                p.normal_()
+    perturb_lora(base)
     seeds, c, y = [5, 6], torch.tensor([0, 1]), torch.tensor([1, 0])
     ro = RolloutConfig(steps=4, eta=1.0, guidance_scale=2.0, grad_steps=2)
     with torch.no_grad():
