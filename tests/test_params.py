@@ -74,3 +74,21 @@ def test_params_rewritten_by_dvc_exp_run_set_param_still_load(tmp_path):
         params = load_params(path)
         assert params.gamma == 1.0
         assert params.finetune.mixed_precision == "no"
+
+
+def test_the_validation_stage_writes_the_same_file_for_any_valid_params_and_keeps_it_on_failure(
+    tmp_path, monkeypatch
+):
+    from stages import validate_params
+
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, {"gamma": 10.0})
+    validate_params.main([])
+    first = (tmp_path / validate_params.VALID).read_bytes()
+    write(tmp_path, {"gamma": 30.0, "finetune.lr_lora": 1e-3})
+    validate_params.main([])
+    assert (tmp_path / validate_params.VALID).read_bytes() == first  # nothing downstream reruns
+    write(tmp_path, {"finetune.lr_lroa": 1e-3})
+    with pytest.raises(SystemExit, match="finetune.lr_lroa: unknown key"):
+        validate_params.main([])
+    assert (tmp_path / validate_params.VALID).read_bytes() == first

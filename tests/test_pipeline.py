@@ -14,6 +14,7 @@ import yaml
 from ctrldiff.finetune import NOT_FINGERPRINTED
 from ctrldiff.params import FinetuneParams
 from ctrldiff.provenance import import_closure
+from stages.validate_params import VALID
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = sorted(p.relative_to(ROOT) for p in ROOT.glob("**/dvc.yaml") if ".venv" not in p.parts)
@@ -120,7 +121,7 @@ def test_every_param_a_stage_names_is_in_the_params_file(params_file):
             continue
         for name, body, _, item in stages(pipeline):
             for entry in body.get("params", []):
-                keys = [k for k in (entry if isinstance(entry, dict) else {None: [entry]}).values()]
+                keys = [k for k in (entry if isinstance(entry, dict) else {None: [entry]}).values() if k]
                 for key in (k for group in keys for k in group):
                     if isinstance(item, tuple):  # a foreach over a mapping: ${key} is its key
                         key = key.replace("${key}", item[0])
@@ -136,3 +137,55 @@ def test_paper_params_name_only_keys_in_its_params_file():
         for entry in body.get("params", []):
             if isinstance(entry, str):
                 assert _lookup(params, entry), f"paper/dvc.yaml: stage {name} names {entry}, absent"
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES, ids=str)
+def test_every_stage_but_the_validation_depends_on_it(pipeline):
+    for name, body, wdir, _ in stages(pipeline):
+        if name != "validate_params":
+            deps = {(wdir / d).resolve() for d in body.get("deps", [])}
+            assert (wdir / VALID).resolve() in deps, f"{pipeline}: stage {name} does not depend on {VALID}"
+
+
+def _snapshot(repo: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(repo)): p.read_bytes()
+        for top in ("data", "models", "metrics")
+        for p in sorted((repo / top).rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        (lambda p: p["finetune"].update(lr_lroa=1e-3), "finetune.lr_lroa: unknown key"),
+        (lambda p: p.update(gamma=-1), "gamma: Input should be greater than 0"),
+        (lambda p: p.update(gama=10), "gama: unknown key"),
+    ],
+    ids=["typo-in-section", "out-of-range", "unknown-top-level"],
+)
+def test_bad_params_stop_dvc_repro_before_any_output_is_removed(tmp_path, edit, named):
+    """A checkout with every stage's outputs in place (stand-ins): `dvc repro` with a bad params.yaml fails
+    naming the key, and no file under data/, models/ or metrics/ changed."""
+    repo = tmp_path / "repo"
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file():
+            (repo / f).parent.mkdir(parents=True, exist_ok=True)
+            (repo / f).write_bytes((ROOT / f).read_bytes())
+    for out in ("data/labelled/images.parquet", "models/base/base.json", "models/ctrl/control.json"):
+        (repo / out).parent.mkdir(parents=True, exist_ok=True)
+        (repo / out).write_text("an earlier run's output\n")
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    edit(params)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    before = _snapshot(repo)
+    dvc = Path(sys.executable).with_name("dvc")
+    run = subprocess.run([str(dvc), "repro"], cwd=repo, capture_output=True, text=True)
+    assert run.returncode != 0
+    assert named in run.stdout + run.stderr
+    assert _snapshot(repo) == before

@@ -2,8 +2,10 @@
 
     python tools/sync_deps.py [dvc.yaml ...]   # default: every dvc.yaml of the repository
 
-Data deps (anything not under src/ or stages/) are kept as written; tests/test_pipeline.py checks the
-result. Only the `deps: [...]` flow lists are rewritten, so comments elsewhere survive.
+Data deps (anything not under src/ or stages/) are kept as written, and every stage but
+`validate_params` gets that stage's output (so DVC validates params.yaml before it removes any output);
+tests/test_pipeline.py checks the result. Only the `deps: [...]` flow lists are rewritten, so comments
+elsewhere survive.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the `stages` package, as DVC runs it from the root
 
 from ctrldiff.provenance import import_closure  # noqa: E402
+from stages.validate_params import VALID  # noqa: E402
 
 
 def modules(cmd: str) -> list[str]:
@@ -53,7 +56,9 @@ def sync(pipeline: Path) -> None:
         wdir = re.search(r"wdir: (\S+)", text[max(0, m.start() - 200) : m.start()])
         base = (wdir_default / wdir.group(1)).resolve() if wdir else wdir_default.resolve()
         items = [d.strip() for d in deps.group(2).replace("\n", " ").split(",") if d.strip()]
-        keep = [d for d in items if not re.match(r'"?(\.\./)*(src|stages)/', d)]
+        keep = [d for d in items if not re.match(r'"?(\.\./)*(src|stages)/', d) and d != VALID]
+        if "stages.validate_params" not in modules(cmd):
+            keep.insert(0, VALID)  # written where the stage runs, beside the params.yaml it validates
         code = set()
         for module in modules(cmd):
             code |= {
