@@ -127,7 +127,7 @@ def test_ava_is_labelled_by_jpeg_size_and_the_aesthetic_scorer_on_disjoint_halve
 
 
 def test_finetune_on_stable_diffusion_writes_a_standard_adapter(paper_run):
-    summary = json.loads((paper_run / "metrics/finetune.json").read_text())
+    summary = json.loads((paper_run / "metrics/finetune/metrics.json").read_text())
     assert summary["updates"] == 2 and summary["trajectories_per_update"] == 2
     assert (paper_run / "models/ctrl/lora/pytorch_lora_weights.safetensors").is_file()
     from diffusers import UNet2DConditionModel
@@ -135,9 +135,7 @@ def test_finetune_on_stable_diffusion_writes_a_standard_adapter(paper_run):
     unet = UNet2DConditionModel.from_pretrained(
         Path(load_params(paper_run / "params.yaml").base.pretrained), subfolder="unet"
     )
-    unet.load_lora_adapter(
-        paper_run / "models/ctrl/lora", weight_name="pytorch_lora_weights.safetensors", prefix=None
-    )
+    unet.load_lora_adapter(paper_run / "models/ctrl/lora", prefix="unet", use_safetensors=True)
     assert any("lora" in n for n, _ in unet.named_parameters())
 
 

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
-from peft import LoraConfig
+from peft import LoraConfig, get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -32,6 +33,7 @@ from ctrldiff.sampling import SamplerConfig, ddim_cfg_step
 ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]
 RESNET_CONVS = ["conv1", "conv2"]  # every ResNet block's two 3x3 convolutions
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' file name for LoRA weights
+LORA_PREFIX = StableDiffusionLoraLoaderMixin.unet_name  # "unet": the key prefix pipelines load
 
 
 class YEmbedding(nn.Module):
@@ -95,18 +97,22 @@ class ControlledModel:
             self.base.unet.enable_adapters()
 
     def save(self, directory: str | Path) -> None:
-        """Adapter in peft/diffusers format (``load_lora_adapter``), y-embedding as safetensors."""
+        """The LoRA in diffusers' pipeline layout (``lora/pytorch_lora_weights.safetensors``, keys
+        prefixed ``unet.``, as ``save_lora_weights`` writes them), and beside it the y-embedding as
+        safetensors and ``control.json``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        unet = self.base.unet
+        metadata = unet.peft_config["default"].to_dict()
         # peft keeps target_modules as a set, whose order varies between processes: saved as is, the
         # same tensors gave other bytes on every run (and DVC reran everything downstream).
-        config = self.base.unet.peft_config["default"]
-        modules = config.target_modules
-        config.target_modules = sorted(modules) if isinstance(modules, set) else modules
-        try:
-            self.base.unet.save_lora_adapter(directory / "lora")
-        finally:
-            config.target_modules = modules
+        if isinstance(metadata.get("target_modules"), set):
+            metadata["target_modules"] = sorted(metadata["target_modules"])
+        StableDiffusionLoraLoaderMixin.save_lora_weights(
+            directory / "lora",
+            unet_lora_layers=get_peft_model_state_dict(unet),
+            unet_lora_adapter_metadata=metadata,
+        )
         _one_metadata_key(directory / "lora" / LORA_WEIGHTS)
         save_file(
             {"weight": self.y_embedding.table().detach().contiguous()}, directory / "y_embedding.safetensors"
@@ -192,12 +198,7 @@ def load_control(base: BaseModel, directory: str | Path) -> ControlledModel:
         )
     info = json.loads(info_path.read_text())
     y_embedding = _attach_y(base, info["y_classes"])
-    base.unet.load_lora_adapter(
-        str(directory / "lora"),
-        prefix=None,
-        weight_name=LORA_WEIGHTS,
-        use_safetensors=True,
-    )
+    base.unet.load_lora_adapter(str(directory / "lora"), prefix=LORA_PREFIX, use_safetensors=True)
     y_embedding.requires_grad_(True)
     with torch.no_grad():
         y_embedding.weight.copy_(load_file(directory / "y_embedding.safetensors")["weight"])
