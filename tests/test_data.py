@@ -20,12 +20,12 @@ def save_images(folder: Path, n: int, size: int = 20) -> list[Path]:
 
 
 def test_folder_with_one_corrupt_file_yields_the_rest_and_names_it(tmp_path):
-    save_images(tmp_path / "imgs", 3)
-    bad = tmp_path / "imgs" / "broken.jpg"
+    save_images(tmp_path / "imgs" / "7", 3)
+    bad = tmp_path / "imgs" / "7" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
     (tmp_path / "imgs" / "notes.txt").write_text("not an image, ignored")
     records, skipped = read_source(DataParams(source="folder", path=str(tmp_path / "imgs"), resolution=16))
-    assert sorted(r.id for r in records) == ["img0.png", "img1.png", "img2.png"]
+    assert sorted(r.id for r in records) == ["7/img0.png", "7/img1.png", "7/img2.png"]
     assert all(r.pixels.shape == (16, 16) and r.pixels.dtype == np.uint8 for r in records)
     assert [s.file for s in skipped] == [str(bad)]
 
@@ -42,6 +42,28 @@ def test_folder_csv_gives_classes_and_extra_columns(tmp_path):
     np.testing.assert_array_equal(load_pixels(row, 8, 3), records[0].pixels)
 
 
+def test_folder_classes_come_from_subfolders_as_imagefolder_reads_them(tmp_path):
+    for name in ("dogs", "cats", "birds"):
+        save_images(tmp_path / "pets" / name, 2)
+    records, _ = read_source(DataParams(source="folder", path=str(tmp_path / "pets"), resolution=8))
+    assert {(r.id.split("/")[0], r.c) for r in records} == {("birds", 0), ("cats", 1), ("dogs", 2)}
+    for digit in ("3", "10"):  # integer names are the class numbers, not their sorted ranks
+        save_images(tmp_path / "digits" / digit, 1)
+    records, _ = read_source(DataParams(source="folder", path=str(tmp_path / "digits"), resolution=8))
+    assert sorted(r.c for r in records) == [3, 10]
+
+
+def test_an_image_without_a_class_is_named_never_class_zero(tmp_path):
+    save_images(tmp_path / "imgs" / "a", 1)
+    save_images(tmp_path / "imgs", 1)  # imgs/img0.png sits outside every class subfolder
+    with pytest.raises(SourceError, match=r"imgs/img0.png has no class c.*subfolder"):
+        read_source(DataParams(source="folder", path=str(tmp_path / "imgs")))
+    csv = tmp_path / "classes.csv"
+    csv.write_text("file,c\na/img0.png,1\n")  # no row for img0.png
+    with pytest.raises(SourceError, match=r"classes.csv has no row for image img0.png"):
+        read_source(DataParams(source="folder", path=str(tmp_path / "imgs"), csv=str(csv)))
+
+
 def test_csv_without_file_column_is_named(tmp_path):
     save_images(tmp_path / "imgs", 1)
     csv = tmp_path / "extra.csv"
@@ -53,8 +75,8 @@ def test_csv_without_file_column_is_named(tmp_path):
 def test_missing_or_empty_folder_fails_naming_it(tmp_path):
     with pytest.raises(SourceError, match="nowhere"):
         read_source(DataParams(source="folder", path=str(tmp_path / "nowhere")))
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "bad.png").write_bytes(b"garbage")
+    (tmp_path / "empty" / "cats").mkdir(parents=True)
+    (tmp_path / "empty" / "cats" / "bad.png").write_bytes(b"garbage")
     with pytest.raises(SourceError, match="no usable image.*empty"):
         read_source(DataParams(source="folder", path=str(tmp_path / "empty")))
 

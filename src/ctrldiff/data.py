@@ -130,22 +130,46 @@ def _read_folder_csv(csv: Path) -> pd.DataFrame:
     return table.set_index("file")
 
 
+def _subfolder_classes(root: Path, files: list[Path]) -> dict[str, int]:
+    """torchvision's ``ImageFolder`` convention: one subfolder of ``root`` per class, sorted names
+    numbered from 0. Names that are all integers ("0" … "9") are their own class numbers."""
+    parts = [path.relative_to(root).parts for path in files]
+    names = sorted({p[0] for p in parts if len(p) > 1})
+    if names and all(name.isdigit() for name in names):
+        return {name: int(name) for name in names}
+    return {name: i for i, name in enumerate(names)}
+
+
 def _folder(cfg: DataParams, seed: int, skipped: list[Skipped]) -> Iterator[Record]:
+    """Images under ``data.path``. The class c of each comes from the CSV's ``c`` column when
+    ``data.csv`` has one, else from the class subfolder it sits in; an image with neither is an error."""
     root = Path(cfg.path)
     if not root.is_dir():
         raise SourceError(f"data.path: image folder {root} does not exist")
     extra = _read_folder_csv(Path(cfg.csv)) if cfg.csv else None
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    classes_from_csv = extra is not None and "c" in extra.columns
+    classes = {} if classes_from_csv else _subfolder_classes(root, files)
     for i in _subsample(len(files), cfg, seed):
         path = files[i]
         rel = path.relative_to(root).as_posix()
+        cols = extra.loc[rel].to_dict() if extra is not None and rel in extra.index else {}
+        if classes_from_csv:
+            if "c" not in cols:
+                raise SourceError(f"data.csv: {cfg.csv} has no row for image {rel}, so it has no class c")
+            c = int(cols.pop("c"))
+        elif len(path.relative_to(root).parts) > 1:
+            c = classes[path.relative_to(root).parts[0]]
+        else:
+            raise SourceError(
+                f"data.path: image {path} has no class c: put each class's images in its own subfolder "
+                f"of {root} (as torchvision's ImageFolder reads them) or give data.csv with a 'c' column"
+            )
         try:
             image = _open_image(path)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
             skipped.append(Skipped(file=str(path), reason=f"unreadable image: {type(err).__name__}"))
             continue
-        cols = extra.loc[rel].to_dict() if extra is not None and rel in extra.index else {}
-        c = int(cols.pop("c", 0))
         pixels = to_size(image, cfg.resolution, cfg.channels)
         yield Record(id=rel, pixels=pixels, c=c, path=str(path), extra=cols)
 

@@ -26,7 +26,7 @@ class DataParams(_Section):
 
     source: Literal["mnist5k", "sklearn_digits", "folder", "ava"] = "mnist5k"
     path: str | None = None  # the image folder (folder) or AVA root holding AVA.txt (ava)
-    csv: str | None = None  # folder only: optional CSV with a `file` column and extra columns
+    csv: str | None = None  # folder only: CSV with a `file` column, optional `c` and extra columns
     resolution: int = Field(28, ge=8, le=1024)
     channels: Literal[1, 3] = 1
     max_images: int | None = Field(None, ge=1)  # seeded subsample, for smoke runs
