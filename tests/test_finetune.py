@@ -165,6 +165,19 @@ def test_a_checkpoint_made_by_other_update_code_is_not_resumed(tmp_path, monkeyp
     assert result["start_update"] == 0 and len(result["history"]) == 3
 
 
+@pytest.mark.parametrize("name", ["trainable.safetensors", "optimizer.pt", "state.json"])
+def test_a_truncated_checkpoint_is_named_and_training_starts_afresh(tmp_path, name):
+    fresh, uninterrupted = run(2, tmp_path / "fresh")
+    run(1, tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.warns(UserWarning, match=rf"starting afresh: {path}"):
+        model, result = run(2, tmp_path / "ckpt")
+    assert result["start_update"] == 0 and result["history"] == uninterrupted["history"]
+    for n, p in trainable(fresh).items():
+        torch.testing.assert_close(trainable(model)[n], p)
+
+
 def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path):
     run(1, tmp_path / "ckpt")
     before = (tmp_path / "ckpt/trainable.safetensors").read_bytes()

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers.optimization import get_wsd_schedule
@@ -103,22 +106,63 @@ def save_checkpoint(
         (tmp / "history.json").write_text(json.dumps(history))
 
 
+class CorruptCheckpoint(Exception):
+    """A checkpoint file that cannot be read back; the message names the file."""
+
+
+# What a truncated or garbled checkpoint file raises on reading, by format.
+_READ_ERRORS = (
+    OSError,
+    ValueError,
+    KeyError,
+    TypeError,
+    RuntimeError,
+    EOFError,
+    SafetensorError,
+    pickle.UnpicklingError,
+)
+
+
+def _read_checkpoint(directory: Path, model: ControlledModel) -> tuple[dict, dict, dict, list[dict]]:
+    """Every file of a checkpoint, read and checked before anything is restored from it."""
+    names = {n: p.shape for n, p in _trainable(model).items()}
+    path = directory / "state.json"
+    try:
+        state = json.loads(path.read_text())
+        int(state["update"]), str(state["config"])
+        path = directory / "trainable.safetensors"
+        weights = load_file(path)
+        if {n: w.shape for n, w in weights.items() if n in names} != names:
+            raise ValueError("its tensors are not this model's trainable parameters")
+        path = directory / "optimizer.pt"
+        optimizer = torch.load(path, weights_only=False)
+        path = directory / "history.json"
+        history = json.loads(path.read_text()) if path.is_file() else []
+    except _READ_ERRORS as err:
+        raise CorruptCheckpoint(f"{path}: {type(err).__name__}: {err}") from err
+    return state, weights, optimizer, history
+
+
 def load_checkpoint(directory: Path, model: ControlledModel, opt, fingerprint: str) -> tuple[int, list[dict]]:
-    """Restore a checkpoint of the same configuration: (the update to continue from, the log so far)."""
-    state_path = directory / "state.json"
-    if not state_path.is_file():
+    """Restore a checkpoint of the same configuration: (the update to continue from, the log so far).
+
+    The checkpoint is a cache, not the result: one that cannot be read (a truncated file, say) is
+    reported by name and training starts afresh, with nothing restored from it.
+    """
+    if not (directory / "state.json").is_file():
         return 0, []
-    state = json.loads(state_path.read_text())
+    try:
+        state, weights, optimizer, history = _read_checkpoint(directory, model)
+    except CorruptCheckpoint as err:
+        warnings.warn(f"finetune: cannot resume from the checkpoint, starting afresh: {err}", stacklevel=2)
+        return 0, []
     if state["config"] != fingerprint:
         print(f"finetune: checkpoint in {directory} belongs to other settings or code; starting afresh")
         return 0, []
-    weights = load_file(directory / "trainable.safetensors")
     with torch.no_grad():
         for name, p in _trainable(model).items():
             p.copy_(weights[name])
-    opt.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=False))
-    history_path = directory / "history.json"
-    history = json.loads(history_path.read_text()) if history_path.is_file() else []
+    opt.load_state_dict(optimizer)
     return state["update"], history[: state["update"]]
 
 
