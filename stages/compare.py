@@ -1,4 +1,4 @@
-"""Stage `compare`: every evaluated method side by side (metrics/compare.md), and the headline
+"""Stage `compare`: every evaluated method side by side (reports/compare.md), and the headline
 scalars in one flat file (metrics/summary.json), so that `dvc metrics diff` is a handful of lines.
 
 The methods are the evaluation files named on the command line (dvc.yaml lists them), in order.
@@ -65,7 +65,8 @@ def summary(evals: list[dict], gamma: float) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("evals", nargs="+", type=Path, help="metrics/eval/<method>.json files")
-    parser.add_argument("--out", default=Path("metrics"), type=Path)
+    parser.add_argument("--out", default=Path("metrics"), type=Path, help="where summary.json goes")
+    parser.add_argument("--report", default=Path("reports/compare.md"), type=Path, help="the markdown table")
     parser.add_argument("--optimum", type=Path, help="the optimum stage's metrics: the last row")
     args = parser.parse_args(argv)
     gamma = load_params("params.yaml").gamma
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         "optimum: the base's own images reweighted by p̂(y | x)^γ (stage `optimum`), "
         "what an exact solver would reach among them.\n\n" + HEADER + "".join(row(m, gamma) for m in found)
     )
-    with atomic_path(args.out / "compare.md") as tmp:
+    with atomic_path(args.report) as tmp:
         tmp.write_text(text)
     write_json(args.out / "summary.json", summary(found, gamma))
     print(text)

@@ -1,4 +1,4 @@
-"""Stage `compare_multitask`: the multi-task methods side by side (metrics/multitask.md).
+"""Stage `compare_multitask`: the multi-task methods side by side (reports/multitask.md).
 
 Per task and joint accuracy / macro-F1 by the oracles, fidelity, cost, the hardest joint class of
 each method, and what classifier-free guidance would need: images carrying both labels, counted.
@@ -82,7 +82,7 @@ def main() -> None:
         + "\n"
         + cfg_note
     )
-    with atomic_path("metrics/multitask.md") as tmp:
+    with atomic_path("reports/multitask.md") as tmp:
         tmp.write_text(text)
     write_json(Path(setting.metrics) / "summary.json", summary)
     print(text)

@@ -38,7 +38,7 @@ def main() -> None:
         + HEADER
         + "".join(rows)
     )
-    with atomic_path("metrics/efficiency.md") as tmp:
+    with atomic_path("reports/efficiency.md") as tmp:
         tmp.write_text(text)
     series = {
         f"{name} {metric}": [run[key][metric] for run in runs]

@@ -14,7 +14,7 @@ import torch
 from ctrldiff.classifier import Classifier
 from ctrldiff.data import table_images
 from ctrldiff.evaluation import evaluate_samples, real_by_split
-from ctrldiff.io import write_json
+from ctrldiff.io import confusion_pairs, write_json
 from ctrldiff.oracles import to_model_space
 from ctrldiff.params import load_params
 from ctrldiff.tasks import SETTINGS, load_reward
@@ -65,6 +65,12 @@ def main(argv: list[str] | None = None) -> None:
         "kl": float(samples["kl"].mean()) if "kl" in samples else (0.0 if method == "base" else None),
     }
     write_json(setting.metrics / "eval" / f"{method}.json", metrics)
+    shown = list(metrics["tasks"])[-1]  # the only task, or with several the joint one
+    confusion_pairs(
+        setting.metrics / "eval" / f"{method}_confusion.csv",
+        metrics["tasks"][shown]["confusion"],
+        ("requested", "achieved"),
+    )
     fid = metrics["fidelity"]
     tasks = ", ".join(
         f"{name} accuracy {t['accuracy']:.3f}, macro-F1 {t['macro_f1']:.3f}"

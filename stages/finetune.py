@@ -22,7 +22,7 @@ from dvclive import Live
 from ctrldiff.base import load_base
 from ctrldiff.control import add_control
 from ctrldiff.finetune import finetune
-from ctrldiff.io import atomic_dir, write_json
+from ctrldiff.io import atomic_dir
 from ctrldiff.params import load_params
 from ctrldiff.tasks import SETTINGS, load_reward, num_joint_classes
 from ctrldiff.tilt import load_trajectories
@@ -62,11 +62,12 @@ def main(argv: list[str] | None = None) -> None:
             if params.finetune.solver == "weighted"
             else None,
         )
-    minutes = (time.perf_counter() - start) / 60
+        minutes = (time.perf_counter() - start) / 60
+        if live is not None:  # the stage's one metrics file: dvclive's summary of the log, and the run's
+            live.summary.update(summary(result, params.finetune.updates, minutes))
     if state.is_main_process:
         with atomic_dir(setting.ctrl) as tmp:
             model.save(tmp)
-        write_json(logs.with_suffix(".json"), summary(result, params.finetune.updates, minutes))
         last = result["history"][-1] if result["history"] else {}
         print(
             f"finetune: {len(result['history'])} updates in {minutes:.1f} min, final reward "

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from ctrldiff.classifier import fit_task
-from ctrldiff.io import atomic_dir, write_json
+from ctrldiff.io import atomic_dir, confusion_pairs, write_json
 from ctrldiff.params import load_params
 from ctrldiff.plots import reliability_diagram
 
@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     with atomic_dir(f"models/classifier/{task}") as tmp:
         clf.save(tmp)
     write_json(f"metrics/classifier/{task}.json", metrics)
+    confusion_pairs(f"metrics/classifier/{task}_confusion.csv", metrics["confusion"], ("actual", "predicted"))
     reliability_diagram(
         f"metrics/classifier/{task}_reliability.png",
         report["reliability_before"],

@@ -170,7 +170,7 @@ def test_smoke_optimum_reports_the_tilted_targets_terms(smoke_run):
 
 
 def test_smoke_finetune_writes_adapter_checkpoint_and_log(smoke_run):
-    summary = json.loads((smoke_run / "metrics/finetune.json").read_text())
+    summary = json.loads((smoke_run / "metrics/finetune/metrics.json").read_text())
     assert summary["updates"] == 2 and summary["trajectories_per_update"] == 2
     assert json.loads((smoke_run / "models/ctrl_checkpoint/state.json").read_text())["update"] == 2
     assert (smoke_run / "models/ctrl/lora/pytorch_lora_weights.safetensors").is_file()
@@ -209,7 +209,7 @@ def test_smoke_multitask_trains_on_disjoint_halves_and_reports_per_task_and_join
     summary = json.loads((smoke_run / "metrics/multitask/summary.json").read_text())
     assert summary["cfg"]["trainable"] is False and summary["cfg"]["images_with_both_labels"] == 0
     assert set(summary["methods"]) == {"base", "ctrl"}
-    assert "hardest joint class" in (smoke_run / "metrics/multitask.md").read_text()
+    assert "hardest joint class" in (smoke_run / "reports/multitask.md").read_text()
 
 
 def test_smoke_continuous_reports_parity_metrics_and_plot(smoke_run):
@@ -278,10 +278,9 @@ def test_finetune_stage_on_two_processes_writes_complete_outputs_and_each_log_li
 
     launch(2)
     launch(3)  # resumes from update 2 of the same settings
-    summary = json.loads((tmp_path / "metrics/finetune.json").read_text())
+    summary = json.loads((tmp_path / "metrics/finetune/metrics.json").read_text())
     assert summary["resumed_from_update"] == 2 and summary["trajectories_per_update"] == 2 * 2
-    history = json.loads((tmp_path / "metrics/finetune/metrics.json").read_text())
-    assert history["step"] == 3  # dvclive's summary: the last update, written by the main process
+    assert summary["step"] == 3  # dvclive's summary: the last update, written by the main process
     reward_log = (tmp_path / "metrics/finetune/plots/metrics/reward.tsv").read_text().splitlines()
     assert [line.split("\t")[0] for line in reward_log[1:]] == ["1", "2", "3"]
     model = load_control(load_base(tmp_path / "models/base"), tmp_path / "models/ctrl")

@@ -59,3 +59,11 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def confusion_pairs(path: str | Path, confusion: list[list[int]], columns: tuple[str, str]) -> None:
+    """A confusion matrix as the (row class, column class) pairs it counts, one CSV row per item:
+    the table DVC's ``confusion`` plot template reads."""
+    rows = [f"{i},{j}" for i, counts in enumerate(confusion) for j, n in enumerate(counts) for _ in range(n)]
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join([",".join(columns), *rows]) + "\n")
