@@ -1,7 +1,7 @@
 """How much of the reward's gradient at x_t the noise drawn after step t decides.
 
 Run after `dvc repro finetune` (or before it, on the base alone):
-    python benchmarks/gradient_coherence.py [--models models] [--ctrl models/ctrl] [--n 20] [--m 6]
+    python research/gradient_coherence.py [--models models] [--ctrl models/ctrl] [--n 20] [--m 6]
 
 CTRL's pathwise gradient reaches the control at step t through d log p̂(y | x0) / d x_t, taken
 along one draw of the later noise. For n of the `sample` stage's requests (their seeds) this holds

@@ -1,7 +1,7 @@
 """Where the reward classifier and the oracle part ways: real digits vs generated ones.
 
 Run after `dvc repro finetune`:
-    python benchmarks/reward_gap.py [--models models] [--ctrl models/ctrl] [--n 2]
+    python research/reward_gap.py [--models models] [--ctrl models/ctrl] [--n 2]
 
 For the held-out real digits, the base model's samples and CTRL's samples (the same balanced (c, y)
 requests and seeds as the `sample` stage, n per pair) it prints the pixel statistics JPEG size is

@@ -1,7 +1,7 @@
 """What CTRL's control buys at each denoising step: the control on the first j steps, the base after.
 
 Run after `dvc repro finetune`:
-    python benchmarks/control_window.py [--models models] [--ctrl models/ctrl] [--first 10 9 8 6 4 2 0]
+    python research/control_window.py [--models models] [--ctrl models/ctrl] [--first 10 9 8 6 4 2 0]
 
 For each j it samples the `sample` stage's requests (same seeds, 10 digits x classes x
 n_per_request) with the fine-tuned model on the first j DDIM steps and the frozen base (adapters off,

@@ -1,7 +1,7 @@
 """Where CTRL spends its trajectory KL: per requested class y, per denoising step.
 
 Run after `dvc repro finetune`:
-    python benchmarks/kl_per_step.py [--models models] [--ctrl models/ctrl] [--n 40]
+    python research/kl_per_step.py [--models models] [--ctrl models/ctrl] [--n 40]
 
 For each requested class y it rolls out ``--n`` trajectories (digits c = 0..9 in turn, fixed seeds)
 with the `sample` section's sampler, as `finetune` does, and prints the mean KL_t of every

@@ -1,0 +1,78 @@
+"""The one-off diagnostics in research/: each computes what its docstring says, on micro models."""
+
+import torch
+
+from ctrldiff.control import add_control
+from ctrldiff.ctrl import RolloutConfig, rollout
+from ctrldiff.ddim import timestep_pairs
+from ctrldiff.sampling import SamplerConfig, request_noise, sample
+from research.control_window import windowed_sample
+from research.gradient_coherence import continuation_gradients, signal_fraction
+from research.kl_per_step import kl_per_step
+from tests.conftest import micro_base, micro_reward
+
+
+def test_kl_per_step_matches_the_step_by_step_kl_of_the_control_window():
+    model = add_control(micro_base(), [0, 1], lora_rank=2)
+    with torch.no_grad():
+        model.y_embedding.weight[0].normal_()  # a control that moves the means
+    cfg = RolloutConfig(steps=4, grad_steps=4)
+    c, seeds = torch.tensor([0, 1, 2]), [5, 6, 7]
+    steps, pixels = kl_per_step(model, c, 0, seeds, cfg)
+    assert len(steps) == cfg.steps - 1  # the last step is deterministic: no KL
+    assert min(steps) > 0
+    # the same trajectories through the sampler's step-by-step path, control on every step
+    _, kl = windowed_sample(model, c, torch.zeros_like(c), seeds, SamplerConfig(steps=4), first=cfg.steps)
+    torch.testing.assert_close(torch.tensor(steps), torch.tensor(kl.mean(0)), rtol=1e-5, atol=1e-6)
+    assert pixels.shape[0] == 3 and pixels.dtype.name == "uint8"
+
+
+def test_control_window_is_the_base_at_zero_steps_and_the_fine_tuned_model_at_all():
+    base = micro_base()
+    c, y, seeds = torch.tensor([0, 1, 2]), torch.tensor([1, 0, 1]), [5, 6, 7]
+    cfg = SamplerConfig(steps=4)
+    before = sample(base, c, seeds, cfg)  # the base model, no control attached yet
+    model = add_control(base, [0, 1], lora_rank=2)
+    with torch.no_grad():
+        model.y_embedding.weight[:2].normal_()  # a control that moves the means
+        for name, p in base.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    images, kl = windowed_sample(model, c, y, seeds, cfg, first=0)
+    torch.testing.assert_close(images, before)
+    assert kl.shape == (3, cfg.steps - 1) and (kl == 0).all()
+    images, kl = windowed_sample(model, c, y, seeds, cfg, first=cfg.steps)
+    torch.testing.assert_close(images, sample(base, c, seeds, cfg, y, model.y_null))
+    noise = request_noise(seeds, base.sample_shape, cfg.steps)
+    with torch.no_grad():
+        _, _, kl_steps = rollout(model, c, y, noise, RolloutConfig(steps=4, grad_steps=4))
+    torch.testing.assert_close(torch.tensor(kl), kl_steps, rtol=1e-5, atol=1e-6)
+    _, kl = windowed_sample(model, c, y, seeds, cfg, first=2)
+    assert (kl[:, :2] > 0).all() and (kl[:, 2:] == 0).all()
+
+
+def test_signal_fraction_recovers_the_share_of_a_common_direction():
+    gen = torch.Generator().manual_seed(0)
+    m, n, d = 8, 40, 4000
+    mean = torch.randn(1, n, d, generator=gen)
+    noise = torch.randn(m, n, d, generator=gen)
+    assert (signal_fraction(mean.expand(m, n, d)) - 1).abs().max() < 1e-5
+    assert signal_fraction(noise).mean().abs() < 0.02
+    share = 0.25  # ||E g||^2 / E||g||^2 = 1 / (1 + 3): noise with 3 times the mean's energy
+    g = mean + 3**0.5 * noise
+    assert abs(signal_fraction(g).mean().item() - share) < 0.02
+    g[:, 0] = 0  # a state the reward is flat at: no gradient to split
+    assert signal_fraction(g)[0].isnan() and not signal_fraction(g)[1:].isnan().any()
+
+
+def test_continuation_gradients_agree_at_the_deterministic_last_step_and_not_from_x_T():
+    base = micro_base()
+    base.unet.requires_grad_(False)
+    reward = micro_reward(num_classes=2).requires_grad_(False)
+    c, y = torch.tensor([0, 1, 2]), torch.tensor([1, 0, 1])
+    cfg = SamplerConfig(steps=4)
+    out = continuation_gradients(base, reward, c, y, [5, 6, 7], cfg, m=4, seed=0)
+    assert [t for t, _, _ in out] == [t for t, _ in timestep_pairs(base.scheduler, 4)]
+    torch.testing.assert_close(out[-1][1], torch.ones(3))  # no noise after t = 0: all continuations agree
+    assert (out[0][1] < 0.5).all()  # from x_T, three noisy steps decide most of the gradient
+    assert all(norm > 0 for _, _, norm in out)
