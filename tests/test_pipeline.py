@@ -189,3 +189,27 @@ def test_bad_params_stop_dvc_repro_before_any_output_is_removed(tmp_path, edit, 
     assert run.returncode != 0
     assert named in run.stdout + run.stderr
     assert _snapshot(repo) == before
+
+
+def test_the_readmes_exp_show_recipe_gives_the_knobs_and_the_headline_figures():
+    """The `dvc exp show --drop … --keep …` line of the README, on this repository's committed metrics."""
+    readme = (ROOT / "README.md").read_text()
+    line = next(line for line in readme.splitlines() if line.startswith("dvc exp show "))
+    cmd = [sys.executable, "-m", "dvc", *shlex.split(line)[1:], "--csv", "--no-pager"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    header = proc.stdout.splitlines()[0].split(",")
+    assert set(header) == {
+        "Experiment", "gamma", "finetune.solver", "ctrl.accuracy", "ctrl.c_accuracy", "ctrl.objective",
+        "optimum.objective",
+    }  # fmt: skip
+
+
+def test_dvc_metrics_show_in_the_root_loads_every_metrics_file_it_lists():
+    """Neither paper/ (a DVC subrepo) nor an unrun study makes the root's metrics commands warn."""
+    cmd = [sys.executable, "-m", "dvc", "metrics", "show"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "failed to load" not in proc.stdout + proc.stderr
+    listed = [line.split()[0] for line in proc.stdout.splitlines()[1:] if line.strip()]
+    assert listed == ["metrics/summary.json"]

@@ -287,3 +287,14 @@ def test_finetune_stage_on_two_processes_writes_complete_outputs_and_each_log_li
     assert len(model.y_classes) == 4
     leftovers = [p.name for p in (tmp_path / "models").iterdir() if p.name.startswith(".")]
     assert not leftovers  # no half-written temporary directories from a racing rank
+
+
+def test_the_readmes_python_snippet_samples_from_the_trained_adapter(smoke_run):
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Using a trained adapter from Python", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    cmd = [sys.executable, "-c", code]
+    proc = subprocess.run(cmd, cwd=smoke_run, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    images = [Image.open(smoke_run / f"ctrl_c3_y{k}.png") for k in range(4)]
+    assert all(image.size == (28, 28) for image in images)
