@@ -95,19 +95,38 @@ def test_smoke_pipeline_writes_parquet_classifier_and_metrics(smoke_run):
     assert Classifier.load(smoke_run / "models/classifier/digit").meta["classes"] == list(range(10))
 
 
-def test_failed_label_run_keeps_previous_outputs(smoke_run, monkeypatch):
+def outputs(root: Path) -> dict[str, bytes]:
+    """Every file under the stages' output folders, by path."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for d in ("data", "models", "metrics")
+        for p in (root / d).rglob("*")
+        if p.is_file()
+    }
+
+
+@pytest.mark.parametrize("problem", ["missing folder", "image without a class"])
+def test_failed_label_run_names_the_problem_and_changes_no_output(smoke_run, monkeypatch, tmp_path, problem):
     monkeypatch.chdir(smoke_run)
-    before = (smoke_run / "data/labelled/images.parquet").read_bytes()
+    before = outputs(smoke_run)
+    folder = tmp_path / "images"
+    if problem == "missing folder":
+        folder, match = smoke_run / "no-such-folder", "no-such-folder"
+    else:
+        (folder / "cats").mkdir(parents=True)
+        for name in ("cats/a.png", "b.png"):  # b.png sits outside every class subfolder
+            Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(folder / name)
+        match = r"images/b.png has no class c"
     good = (smoke_run / "params.yaml").read_text()
-    bad = good.replace("source: mnist5k", f"source: folder\n  path: {smoke_run / 'no-such-folder'}")
-    (smoke_run / "params.yaml").write_text(bad)
+    (smoke_run / "params.yaml").write_text(
+        good.replace("source: mnist5k", f"source: folder\n  path: {folder}")
+    )
     try:
-        with pytest.raises(SourceError, match="no-such-folder"):
+        with pytest.raises(SourceError, match=match):
             label.main([])
     finally:
         (smoke_run / "params.yaml").write_text(good)
-    assert (smoke_run / "data/labelled/images.parquet").read_bytes() == before
-    assert not list((smoke_run / "data").glob(".*tmp"))
+    assert outputs(smoke_run) == before
 
 
 def test_smoke_base_sample_evaluate_fill_the_metrics_shape(smoke_run):
@@ -128,10 +147,10 @@ def test_tiny_stable_diffusion_runs_through_base_and_sample_offline(tmp_path, mo
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     sd = build_tiny_sd(tmp_path / "tiny-sd")
     images = tmp_path / "images"
-    images.mkdir()
+    (images / "0").mkdir(parents=True)  # one class subfolder: c only stratifies the split here
     rng = np.random.default_rng(0)
     for i in range(12):
-        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(images / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(images / "0" / f"{i}.png")
     (tmp_path / "prompts.txt").write_text("a photo of a cat\n\na dog\n")
     params = yaml.safe_load((ROOT / "tests/smoke/params.yaml").read_text())
     params["data"] = {"source": "folder", "path": str(images), "resolution": 16, "channels": 3}
