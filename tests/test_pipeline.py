@@ -144,7 +144,9 @@ def test_every_stage_but_the_validation_depends_on_it(pipeline):
     for name, body, wdir, _ in stages(pipeline):
         if name != "validate_params":
             deps = {(wdir / d).resolve() for d in body.get("deps", [])}
-            assert (wdir / VALID).resolve() in deps, f"{pipeline}: stage {name} does not depend on {VALID}"
+            runs_in = re.match(r"cd (\S+) && ", body["cmd"])  # a study's stages run in the root
+            valid = (wdir / runs_in.group(1) if runs_in else wdir) / VALID
+            assert valid.resolve() in deps, f"{pipeline}: stage {name} does not depend on {VALID}"
 
 
 def _snapshot(repo: Path) -> dict[str, bytes]:

@@ -55,10 +55,13 @@ def sync(pipeline: Path) -> None:
             continue
         wdir = re.search(r"wdir: (\S+)", text[max(0, m.start() - 200) : m.start()])
         base = (wdir_default / wdir.group(1)).resolve() if wdir else wdir_default.resolve()
+        # A study's command runs in the root (`cd ../.. && python ...`), beside the params.yaml it checks.
+        runs_in = re.match(r"cd (\S+) && ", cmd)
+        valid = os.path.relpath((base / runs_in.group(1)) / VALID, base) if runs_in else VALID
         items = [d.strip() for d in deps.group(2).replace("\n", " ").split(",") if d.strip()]
-        keep = [d for d in items if not re.match(r'"?(\.\./)*(src|stages)/', d) and d != VALID]
+        keep = [d for d in items if not re.match(r'"?(\.\./)*(src|stages)/', d) and d != valid]
         if "stages.validate_params" not in modules(cmd):
-            keep.insert(0, VALID)  # written where the stage runs, beside the params.yaml it validates
+            keep.insert(0, valid)  # written where the stage runs, beside the params.yaml it validates
         code = set()
         for module in modules(cmd):
             code |= {
