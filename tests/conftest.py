@@ -1,6 +1,7 @@
 """Shared tiny models: built from configs with random weights, fast enough for unit tests."""
 
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,3 +66,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def output_files(repo: Path) -> dict[str, bytes]:
+    """Every file under the stages' output folders (data/, models/, metrics/), by path."""
+    return {
+        str(p.relative_to(repo)): p.read_bytes()
+        for top in ("data", "models", "metrics")
+        for p in sorted((repo / top).rglob("*"))
+        if p.is_file()
+    }

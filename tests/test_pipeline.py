@@ -15,6 +15,7 @@ from ctrldiff.finetune import NOT_FINGERPRINTED
 from ctrldiff.params import FinetuneParams
 from ctrldiff.provenance import import_closure
 from stages.validate_params import VALID
+from tests.conftest import output_files
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = sorted(p.relative_to(ROOT) for p in ROOT.glob("**/dvc.yaml") if ".venv" not in p.parts)
@@ -149,15 +150,6 @@ def test_every_stage_but_the_validation_depends_on_it(pipeline):
             assert valid.resolve() in deps, f"{pipeline}: stage {name} does not depend on {VALID}"
 
 
-def _snapshot(repo: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(repo)): p.read_bytes()
-        for top in ("data", "models", "metrics")
-        for p in sorted((repo / top).rglob("*"))
-        if p.is_file()
-    }
-
-
 @pytest.mark.parametrize(
     ("edit", "named"),
     [
@@ -185,12 +177,12 @@ def test_bad_params_stop_dvc_repro_before_any_output_is_removed(tmp_path, edit, 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     edit(params)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    before = _snapshot(repo)
+    before = output_files(repo)
     dvc = Path(sys.executable).with_name("dvc")
     run = subprocess.run([str(dvc), "repro"], cwd=repo, capture_output=True, text=True)
     assert run.returncode != 0
     assert named in run.stdout + run.stderr
-    assert _snapshot(repo) == before
+    assert output_files(repo) == before
 
 
 def test_the_readmes_exp_show_recipe_gives_the_knobs_and_the_headline_figures():

@@ -29,6 +29,7 @@ from stages import (
     sample,
     train_classifier,
 )
+from tests.conftest import output_files
 from tests.tiny_sd import build_tiny_sd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,20 +96,10 @@ def test_smoke_pipeline_writes_parquet_classifier_and_metrics(smoke_run):
     assert Classifier.load(smoke_run / "models/classifier/digit").meta["classes"] == list(range(10))
 
 
-def outputs(root: Path) -> dict[str, bytes]:
-    """Every file under the stages' output folders, by path."""
-    return {
-        str(p.relative_to(root)): p.read_bytes()
-        for d in ("data", "models", "metrics")
-        for p in (root / d).rglob("*")
-        if p.is_file()
-    }
-
-
 @pytest.mark.parametrize("problem", ["missing folder", "image without a class"])
 def test_failed_label_run_names_the_problem_and_changes_no_output(smoke_run, monkeypatch, tmp_path, problem):
     monkeypatch.chdir(smoke_run)
-    before = outputs(smoke_run)
+    before = output_files(smoke_run)
     folder = tmp_path / "images"
     if problem == "missing folder":
         folder, match = smoke_run / "no-such-folder", "no-such-folder"
@@ -126,7 +117,7 @@ def test_failed_label_run_names_the_problem_and_changes_no_output(smoke_run, mon
             label.main([])
     finally:
         (smoke_run / "params.yaml").write_text(good)
-    assert outputs(smoke_run) == before
+    assert output_files(smoke_run) == before
 
 
 def test_smoke_base_sample_evaluate_fill_the_metrics_shape(smoke_run):
