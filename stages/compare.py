@@ -1,5 +1,6 @@
-"""Stage `compare`: every evaluated method side by side (reports/compare.md), and the headline
-scalars in one flat file (metrics/summary.json), so that `dvc metrics diff` is a handful of lines.
+"""Stage `compare`: every evaluated method side by side (reports/compare.md), the headline scalars in
+one flat file (metrics/summary.json), so that `dvc metrics diff` is a handful of lines, and the
+trade-off figure (metrics/tradeoff.png): accuracy against c_accuracy across each baseline's scale.
 
 The methods are the evaluation files named on the command line (dvc.yaml lists them), in order.
 """
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from ctrldiff.io import atomic_path, read_json, write_json
 from ctrldiff.params import load_params
+from ctrldiff.tradeoff import tradeoff_plot
 
 HEADER = (
     "| method | scale | accuracy | macro-F1 | c_accuracy | Fréchet | E log p̂ | KL | objective "
@@ -68,9 +70,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=Path("metrics"), type=Path, help="where summary.json goes")
     parser.add_argument("--report", default=Path("reports/compare.md"), type=Path, help="the markdown table")
     parser.add_argument("--optimum", type=Path, help="the optimum stage's metrics: the last row")
+    parser.add_argument("--tune", nargs="*", default=[], type=Path, help="metrics/tune/<method>.json sweeps")
+    parser.add_argument("--plot", default=Path("metrics/tradeoff.png"), type=Path, help="trade-off figure")
     args = parser.parse_args(argv)
-    gamma = load_params("params.yaml").gamma
-    missing = [str(p) for p in args.evals if not p.is_file()]
+    params = load_params("params.yaml")
+    gamma = params.gamma
+    missing = [str(p) for p in [*args.evals, *args.tune] if not p.is_file()]
     if missing:
         raise SystemExit(f"compare: missing {', '.join(missing)}; run the evaluate stages first")
     found = [read_json(p) for p in args.evals]
@@ -90,6 +95,13 @@ def main(argv: list[str] | None = None) -> None:
     with atomic_path(args.report) as tmp:
         tmp.write_text(text)
     write_json(args.out / "summary.json", summary(found, gamma))
+    points = {
+        m["method"]: (m["fidelity"]["c_accuracy"], m["tasks"]["compressibility"]["accuracy"])
+        for m in found
+        if m["method"] in ("base", "ctrl", "optimum")
+    }
+    sweeps = [read_json(p) for p in args.tune]
+    tradeoff_plot(args.plot, sweeps, points, params.baselines.min_c_accuracy)
     print(text)
 
 

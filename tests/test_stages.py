@@ -308,3 +308,35 @@ def test_the_readmes_python_snippet_samples_from_the_trained_adapter(smoke_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     images = [Image.open(smoke_run / f"ctrl_c3_y{k}.png") for k in range(4)]
     assert all(image.size == (28, 28) for image in images)
+
+
+def _eval_record(method: str, accuracy: float, c_accuracy: float) -> dict:
+    return {
+        "method": method,
+        "n_per_class": 2,
+        "tasks": {"compressibility": {"accuracy": accuracy, "macro_f1": accuracy}},
+        "fidelity": {"c_accuracy": c_accuracy, "c_accuracy_real_heldout": 0.99, "frechet_real_heldout": 0.5},
+    }
+
+
+def test_compare_draws_each_sweep_and_names_a_missing_one(tmp_path, monkeypatch):
+    from stages import compare
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(ROOT / "tests/smoke/params.yaml", "params.yaml")
+    Path("metrics/eval").mkdir(parents=True)
+    Path("metrics/tune").mkdir()
+    for method, acc, fid in (("base", 0.25, 0.98), ("ctrl", 0.6, 0.85), ("dps", 0.5, 0.94)):
+        (tmp_path / f"metrics/eval/{method}.json").write_text(json.dumps(_eval_record(method, acc, fid)))
+    sweep = [{"scale": s, "accuracy": a, "c_accuracy": f} for s, a, f in ((0.1, 0.3, 0.97), (0.4, 0.5, 0.95))]
+    record = {"method": "dps", "sweep": sweep, "chosen": sweep[1]}
+    Path("metrics/tune/dps.json").write_text(json.dumps(record))
+    evals = [f"metrics/eval/{m}.json" for m in ("base", "ctrl", "dps")]
+
+    compare.main([*evals, "--tune", "metrics/tune/dps.json"])
+    with Image.open("metrics/tradeoff.png") as image:
+        assert image.format == "PNG" and image.size[0] > 200
+    assert set(json.loads(Path("metrics/summary.json").read_text())) == {"base", "ctrl", "dps"}
+
+    with pytest.raises(SystemExit, match="metrics/tune/svdd.json"):
+        compare.main([*evals, "--tune", "metrics/tune/dps.json", "metrics/tune/svdd.json"])
