@@ -19,7 +19,7 @@ from accelerate.utils import set_seed
 
 from ctrldiff.base import load_base
 from ctrldiff.classifier import Classifier, fit_task, labelled_subset, task_tensors
-from ctrldiff.control import ControlledStep, add_control
+from ctrldiff.control import ControlledStep, add_control, uncontrolled_from
 from ctrldiff.evaluation import evaluate_samples, real_by_split
 from ctrldiff.finetune import finetune
 from ctrldiff.guidance.cfg import CFGOnY, train_cfg
@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> None:
         part, meta, TASK, params.classifier.model_copy(update={"epochs": epochs}), params.seed
     )
     set_seed(params.seed)
-    ctrl = add_control(load_base("models/base"), classes, ft.lora_rank, ft.lora_targets)
+    base = load_base("models/base")
+    off = uncontrolled_from(base.scheduler, ft.rollout.steps, ft.rollout.eta, ft.base_last_steps)
+    ctrl = add_control(base, classes, ft.lora_rank, ft.lora_targets, off)
     checkpoint = Path(f"models/efficiency/n{n}_checkpoint")
     trajectories = load_trajectories("data/base_rollouts") if ft.solver == "weighted" else None
     finetune(

@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 from dvclive import Live
 
 from ctrldiff.base import load_base
-from ctrldiff.control import add_control
+from ctrldiff.control import add_control, uncontrolled_from
 from ctrldiff.finetune import finetune
 from ctrldiff.io import atomic_dir
 from ctrldiff.params import load_params
@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     base = load_base("models/base")
     set_seed(params.seed)  # identical LoRA initialisation on every process
     y_classes = list(range(num_joint_classes(label_meta)))
-    model = add_control(base, y_classes, params.finetune.lora_rank, params.finetune.lora_targets)
+    ft, ro = params.finetune, params.finetune.rollout
+    off = uncontrolled_from(base.scheduler, ro.steps, ro.eta, ft.base_last_steps)
+    model = add_control(base, y_classes, ft.lora_rank, ft.lora_targets, off)
     logs = setting.metrics / "finetune"
     # Only the main process writes (the log, the adapter, the metrics); the others train and wait.
     # The log is rebuilt from the checkpoint's history on resume: DVC clears it before a stage runs.

@@ -8,6 +8,7 @@ from ctrldiff.control import (
     YEmbedding,
     add_control,
     load_control,
+    uncontrolled_from,
 )
 from ctrldiff.ctrl import RolloutConfig, rollout
 from ctrldiff.ddim import timestep_pairs
@@ -151,3 +152,38 @@ def test_training_rollouts_and_sampling_draw_the_same_image_for_a_seed():
         x0, _, _ = rollout(model, c, y, request_noise(seeds, base.sample_shape, ro.steps), ro)
         sampled = sample(base, c, seeds, SamplerConfig(4, 1.0, 2.0), y, model.y_null, ControlledStep(model))
     torch.testing.assert_close(x0.clamp(-1, 1), sampled)
+
+
+def test_a_step_left_to_the_base_is_the_bases_in_sampling_and_rollouts_and_costs_no_kl(tmp_path):
+    base, ref = micro_base(), micro_base()
+    last = uncontrolled_from(base.scheduler, 4, 1.0, 1)
+    pairs = timestep_pairs(base.scheduler, 4)
+    assert last == pairs[-2][0]  # the last stochastic step (the one into t = -1 is deterministic)
+    model = add_control(base, [0, 1], lora_rank=2, uncontrolled_t=last)
+    perturb_lora(base)
+    cfg = SamplerConfig(steps=4, eta=1.0, guidance_scale=2.0)
+    x, z, c, y = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8), torch.tensor([0, 1]), torch.tensor([1, 0])
+    step = ControlledStep(model)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            step(base, x, *pairs[-2], z, c, cfg, y, model.y_null),
+            ddim_cfg_step(ref, x, *pairs[-2], z, c, cfg),
+        )
+        assert not torch.allclose(
+            step(base, x, *pairs[-3], z, c, cfg, y, model.y_null),
+            ddim_cfg_step(ref, x, *pairs[-3], z, c, cfg),
+        )
+        ro = RolloutConfig(steps=4, eta=1.0, guidance_scale=2.0, grad_steps=2)
+        seeds = [5, 6]
+        x0, _, kl_steps = rollout(model, c, y, request_noise(seeds, base.sample_shape, 4), ro)
+        sampled = sample(base, c, seeds, cfg, y, model.y_null, step)
+    torch.testing.assert_close(x0.clamp(-1, 1), sampled)
+    assert kl_steps.shape == (2, 3) and (kl_steps[:, -1] == 0).all() and (kl_steps[:, :-1] > 0).all()
+    model.save(tmp_path)
+    assert load_control(micro_base(), tmp_path).uncontrolled_t == last
+
+
+def test_leaving_more_steps_than_the_chain_has_is_refused_naming_the_parameter():
+    with pytest.raises(ValueError, match="finetune.base_last_steps = 4: the 4-step chain has only 3"):
+        uncontrolled_from(micro_base().scheduler, 4, 1.0, 4)
+    assert uncontrolled_from(micro_base().scheduler, 4, 1.0, 0) is None

@@ -275,6 +275,7 @@ def test_the_fingerprint_covers_what_changes_the_weights_and_nothing_else():
         "batch_size": 3,
         "grad_accumulation": 2,
         "grad_steps": 1,
+        "base_last_steps": 1,
         "lora_rank": 2,
         "lora_targets": ["to_q"],
         "lr_lora": 0.5,

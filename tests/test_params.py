@@ -40,6 +40,8 @@ def test_shipped_params_files_are_valid():
         ({"data.source": "folder"}, "data.path"),  # a folder source needs a path
         ({"label.binning": "thresholds", "label.thresholds": [800]}, "label.thresholds"),
         ({"finetune.grad_steps": 11}, "finetune.grad_steps"),  # window longer than the rollout
+        ({"finetune.base_last_steps": 10}, "finetune.base_last_steps"),  # no step left to the control
+        ({"finetune.base_last_steps": -1}, "finetune.base_last_steps"),
         ({"finetune.lora_targets": []}, "finetune.lora_targets"),
         ({"finetune.decay_updates": 90}, "finetune.decay_updates"),  # 20 warm-up + 90 > 100 updates
         ({"baselines.dps": []}, "baselines.dps"),  # a sweep needs at least one scale

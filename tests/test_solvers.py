@@ -19,7 +19,7 @@ import torch
 from diffusers import DDIMScheduler
 from torch import nn
 
-from ctrldiff.control import ControlledStep
+from ctrldiff.control import ControlledModel, ControlledStep, uncontrolled_from
 from ctrldiff.ctrl import RolloutConfig
 from ctrldiff.ddim import ddim_step, predicted_eps, timestep_pairs
 from ctrldiff.objective import trajectory_kl
@@ -90,8 +90,12 @@ class ToyBase:
 class ToyControl:
     """Duck-types ControlledModel: y in {0, 1}, NULL = 2; the reference switches the control off."""
 
-    def __init__(self):
+    is_off = ControlledModel.is_off
+
+    def __init__(self, base_last_steps: int = 0):
         self.base, self.y_classes, self.y_null = ToyBase(), [0, 1], 2
+        self.left = base_last_steps
+        self.uncontrolled_t = uncontrolled_from(self.base.scheduler, STEPS, 1.0, base_last_steps)
 
     @contextmanager
     def reference(self):
@@ -114,23 +118,50 @@ class GaussianReward(nn.Module):
 
 def base_chain_moments(scheduler: DDIMScheduler, eta: float) -> tuple[float, float]:
     """Mean and variance of the base chain's x0: each step is affine, so propagate them exactly."""
-    mean, var = 0.0, 1.0
-    for t, t_prev in timestep_pairs(scheduler, STEPS):
-        a = scheduler.alphas_cumprod[t].double()
+    return propagate(scheduler, eta, timestep_pairs(scheduler, STEPS), 0.0, 1.0)
 
-        def step_mean(x, a=a, t=t, t_prev=t_prev):
-            eps = (1 - a).sqrt() * (x - a.sqrt() * MU) / (a * S**2 + 1 - a)
-            return ddim_step(scheduler, x, predicted_eps(scheduler, eps, x, t), t, t_prev, eta)
 
-        m0, sigma, _ = step_mean(torch.zeros((), dtype=torch.float64))
-        slope = float(step_mean(torch.ones((), dtype=torch.float64))[0] - m0)
-        mean, var = slope * mean + float(m0), slope**2 * var + float(sigma) ** 2
+def base_step(scheduler: DDIMScheduler, eta: float, t: int, t_prev: int) -> tuple[float, float, float]:
+    """The base's step t -> t_prev as x_prev = slope x_t + offset + sigma z."""
+    a = scheduler.alphas_cumprod[t].double()
+
+    def step_mean(x):
+        eps = (1 - a).sqrt() * (x - a.sqrt() * MU) / (a * S**2 + 1 - a)
+        return ddim_step(scheduler, x, predicted_eps(scheduler, eps, x, t), t, t_prev, eta)
+
+    m0, sigma, _ = step_mean(torch.zeros((), dtype=torch.float64))
+    return float(step_mean(torch.ones((), dtype=torch.float64))[0] - m0), float(m0), float(sigma)
+
+
+def propagate(scheduler: DDIMScheduler, eta: float, pairs, mean: float, var: float) -> tuple[float, float]:
+    for t, t_prev in pairs:
+        slope, offset, sigma = base_step(scheduler, eta, t, t_prev)
+        mean, var = slope * mean + offset, slope**2 * var + sigma**2
     return mean, var
 
 
 def tilted(mean: float, var: float, y: int, gamma: float) -> tuple[float, float]:
     precision = 1 / var + gamma / R**2
     return (mean / var + gamma * TARGETS[y] / R**2) / precision, 1 / precision
+
+
+def tilted_with_steps_left_to_the_base(scheduler: DDIMScheduler, y: int, gamma: float, left: int):
+    """x0's mean and variance at the optimum when the last ``left`` stochastic steps keep the base's kernel.
+
+    The control can only tilt x_m (the state those steps start from), by h(x_m) = E[p̂^gamma | x_m]:
+    the base's steps from x_m are affine, x0 | x_m ~ N(A x_m + B, V), so h is Gaussian in A x_m + B with
+    variance R^2 / gamma + V. The base's steps then carry the tilted x_m to x0.
+    """
+    pairs = timestep_pairs(scheduler, STEPS)
+    stochastic = [k for k, (t, t_prev) in enumerate(pairs) if base_step(scheduler, 1.0, t, t_prev)[2] > 0]
+    m = stochastic[-left]
+    mean, var = propagate(scheduler, 1.0, pairs[:m], 0.0, 1.0)
+    offset, noise = propagate(scheduler, 1.0, pairs[m:], 0.0, 0.0)
+    slope = propagate(scheduler, 1.0, pairs[m:], 1.0, 0.0)[0] - offset
+    v = R**2 / gamma + noise
+    precision = 1 / var + slope**2 / v
+    mean, var = (mean / var + slope * (TARGETS[y] - offset) / v) / precision, 1 / precision
+    return propagate(scheduler, 1.0, pairs[m:], mean, var)
 
 
 def draw(y: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -163,11 +194,15 @@ def moments(model: ToyControl, y: int, n: int = 20_000) -> tuple[float, float]:
 GAMMA = 1.0
 
 
-def assert_reaches_the_tilt(model: ToyControl) -> None:
-    """The fitted chain's x0 has the tilted target's mean (within 0.03) and variance (10 %), per y."""
+def assert_reaches_the_tilt(model: ToyControl, gamma: float = GAMMA) -> None:
+    """The fitted chain's x0 has the tilted target's mean (within 0.03) and variance (10 %), per y;
+    with steps left to the base, the optimum of that constrained chain."""
     base = base_chain_moments(model.base.scheduler, 1.0)
     for y in (0, 1):
-        mean, var = tilted(*base, y, GAMMA)
+        if model.uncontrolled_t is None:
+            mean, var = tilted(*base, y, gamma)
+        else:
+            mean, var = tilted_with_steps_left_to_the_base(model.base.scheduler, y, gamma, model.left)
         got = moments(model, y)
         assert got[0] == pytest.approx(mean, abs=0.03), (y, got, (mean, var))
         assert got[1] == pytest.approx(var, rel=0.1), (y, got, (mean, var))
@@ -216,3 +251,40 @@ def test_weighted_at_gamma_zero_leaves_the_model_at_the_base():
     mean, var = base_chain_moments(model.base.scheduler, 1.0)
     got = moments(model, 0)
     assert got[0] == pytest.approx(mean, abs=0.02) and got[1] == pytest.approx(var, rel=0.05)
+
+
+# Two steps left to the base (t = 332 -> 166 -> 0): the last alone moves the toy's optimum by < 0.002.
+LEFT, GAMMA_LEFT = 2, 4.0
+
+
+def test_the_constrained_optimum_is_not_the_tilt_nor_the_base():
+    scheduler = ToyBase().scheduler
+    base = base_chain_moments(scheduler, 1.0)
+    for y in (0, 1):
+        free = tilted(*base, y, GAMMA_LEFT)
+        left = tilted_with_steps_left_to_the_base(scheduler, y, GAMMA_LEFT, LEFT)
+        assert abs(left[0] - free[0]) > 0.06 and left[1] > free[1] * 1.2  # twice the test's tolerances
+        assert abs(left[0] - base[0]) > 0.015  # the control still moves x0
+
+
+@pytest.mark.parametrize("solver", [Backprop, Adjoint])
+def test_a_solver_with_the_last_steps_left_to_the_base_reaches_that_chains_optimum(solver):
+    model = ToyControl(base_last_steps=LEFT)
+    rollout = RolloutConfig(STEPS, 1.0, 1.0, grad_steps=STEPS)
+    fit(solver(GaussianReward(), GAMMA_LEFT, rollout, "sum"), model, 300, 128, 0.02)
+    assert_reaches_the_tilt(model, GAMMA_LEFT)
+    ts = [t for t, _ in timestep_pairs(model.base.scheduler, STEPS)]
+    for k in range(len(ts)):  # no gradient reached a step left to the base
+        if ts[k] <= model.uncontrolled_t:
+            assert (
+                float((model.base.unet.a[k].abs().max() + model.base.unet.b[k].abs().max()).detach()) == 0.0
+            )
+
+
+def test_weighted_with_the_last_steps_left_to_the_base_reaches_that_chains_optimum():
+    model = ToyControl(base_last_steps=LEFT)
+    c, _, seeds = draw(0, 4000, 1)
+    traj = base_trajectories(model.base, c, seeds, SamplerConfig(STEPS, 1.0, 1.0), 4000)
+    rollout = RolloutConfig(STEPS, 1.0, 1.0, grad_steps=1)
+    fit(Weighted(GaussianReward(), GAMMA_LEFT, rollout, "sum", traj, model), model, 300, 256, 0.02)
+    assert_reaches_the_tilt(model, GAMMA_LEFT)

@@ -8,6 +8,12 @@
 
 Both start as exact no-ops, so the augmented model equals the base at step 0. The frozen
 reference p_pre is the same module with the adapters disabled and y = NULL: no second UNet.
+
+A control may also leave the last steps of the chain to the base (``uncontrolled_t``): the steps
+out of t <= uncontrolled_t take the base's kernel, in training, in the KL and in sampling alike.
+The last stochastic step has the smallest sigma, so a change of texture there is the dearest in
+KL per unit of reward; the embedded benchmark's back-propagation spent two thirds of its KL there
+(docs/experiments.md, "where the KL goes").
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ctrldiff.base import BaseModel
-from ctrldiff.ddim import control_is_off
+from ctrldiff.ddim import control_is_off, step_sigma, timestep_pairs
 from ctrldiff.sampling import SamplerConfig, ddim_cfg_step
 
 ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -73,6 +79,7 @@ class ControlledModel:
     y_classes: list
     lora_rank: int
     lora_targets: list[str]
+    uncontrolled_t: int | None = None  # the steps out of t <= this keep the base's kernel; None: none
 
     @property
     def y_embedding(self) -> YEmbedding:
@@ -81,6 +88,12 @@ class ControlledModel:
     @property
     def y_null(self) -> int:
         return self.y_embedding.null_index
+
+    def is_off(self, scheduler, t: int, t_prev: int, eta: float) -> bool:
+        """Whether the step t -> t_prev is the base's own: a deterministic step of a stochastic chain
+        (``ddim.control_is_off``) or one this control leaves to the base (``uncontrolled_t``)."""
+        left = self.uncontrolled_t is not None and t <= self.uncontrolled_t
+        return left or control_is_off(scheduler, t, t_prev, eta)
 
     def trainable_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(LoRA parameters, y-embedding parameters): they get separate learning rates."""
@@ -122,13 +135,14 @@ class ControlledModel:
             "lora_rank": self.lora_rank,
             "lora_targets": self.lora_targets,
             "dim": self.y_embedding.weight.shape[1],
+            "uncontrolled_t": self.uncontrolled_t,
         }
         (directory / "control.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
 class ControlledStep:
     """A controlled model's sampling step, as CTRL's rollouts take it: the guided DDIM step with y,
-    and the base's own step (adapters off, y NULL) where ``ddim.control_is_off``."""
+    and the base's own step (adapters off, y NULL) where ``ControlledModel.is_off``."""
 
     def __init__(self, control: ControlledModel):
         self.control = control
@@ -146,7 +160,7 @@ class ControlledStep:
         y_null: int | None = None,
         seeds: list[int] | None = None,
     ) -> torch.Tensor:
-        if y is None or not control_is_off(model.scheduler, t, t_prev, cfg.eta):
+        if y is None or not self.control.is_off(model.scheduler, t, t_prev, cfg.eta):
             return ddim_cfg_step(model, x, t, t_prev, z, c, cfg, y, y_null)
         null = torch.zeros_like(y) if y.is_floating_point() else torch.full_like(y, y_null)
         with self.control.reference():
@@ -173,19 +187,40 @@ def _attach_y(base: BaseModel, y_classes: list) -> YEmbedding:
     return base.unet.class_embedding
 
 
+def uncontrolled_from(scheduler, steps: int, eta: float, last: int) -> int | None:
+    """The ``uncontrolled_t`` that leaves the last ``last`` stochastic steps of the ``steps``-step
+    DDIM grid to the base (None for 0): the t those steps start from is at most this."""
+    stochastic = [
+        t
+        for t, t_prev in timestep_pairs(scheduler, steps)
+        if float(step_sigma(scheduler, t, t_prev, eta)) > 0
+    ]
+    if last > len(stochastic):
+        raise ValueError(
+            f"finetune.base_last_steps = {last}: the {steps}-step chain has only "
+            f"{len(stochastic)} stochastic steps"
+        )
+    return stochastic[-last] if last else None
+
+
 def add_control(
-    base: BaseModel, y_classes: list, lora_rank: int, lora_targets: list[str] | None = None
+    base: BaseModel,
+    y_classes: list,
+    lora_rank: int,
+    lora_targets: list[str] | None = None,
+    uncontrolled_t: int | None = None,
 ) -> ControlledModel:
     """Freeze the base, attach a zero y-embedding and LoRA(rank) on ``lora_targets``.
 
     ``lora_targets`` are module-name suffixes (peft's ``target_modules``); default: attention.
+    ``uncontrolled_t``: the steps out of t <= it keep the base's kernel (``uncontrolled_from``).
     """
     lora_targets = list(lora_targets or ATTENTION_PROJECTIONS)
     _attach_y(base, y_classes)
     config = LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=lora_targets)
     base.unet.add_adapter(config)  # peft's default init: B = 0, so the adapter starts as a no-op
     base.unet.class_embedding.requires_grad_(True)  # peft froze everything but the adapter
-    return ControlledModel(base, list(y_classes), lora_rank, lora_targets)
+    return ControlledModel(base, list(y_classes), lora_rank, lora_targets, uncontrolled_t)
 
 
 def load_control(base: BaseModel, directory: str | Path) -> ControlledModel:
@@ -203,5 +238,9 @@ def load_control(base: BaseModel, directory: str | Path) -> ControlledModel:
     with torch.no_grad():
         y_embedding.weight.copy_(load_file(directory / "y_embedding.safetensors")["weight"])
     return ControlledModel(
-        base, info["y_classes"], info["lora_rank"], info.get("lora_targets", ATTENTION_PROJECTIONS)
+        base,
+        info["y_classes"],
+        info["lora_rank"],
+        info.get("lora_targets", ATTENTION_PROJECTIONS),
+        info.get("uncontrolled_t"),
     )

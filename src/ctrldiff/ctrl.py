@@ -6,7 +6,8 @@ KL_t compares the fine-tuned and the frozen DDIM means on the same x_t with the 
 KL_t = ||mu_ft - mu_pre||^2 / (2 sigma_t^2), summed over dimensions (the true Gaussian KL), or
 averaged over them with ``kl_reduction = "mean"`` (the authors' convention, a far stronger tilt
 for the same gamma). A deterministic step (sigma = 0: with the embedded base, the last, into
-t = -1) is the base's own (``ddim.control_is_off``): a change there would have infinite KL.
+t = -1) is the base's own (``ddim.control_is_off``): a change there would have infinite KL. So is
+any step the model leaves to the base (``ControlledModel.is_off``): its KL is exactly 0.
 
 Truncated back-propagation, "last-K" semantics: gradients flow through the last K denoising steps
 only; the earlier ones run under no_grad. K is fixed for a run (the authors redrew it every update).
@@ -25,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ctrldiff.classifier import Classifier
 from ctrldiff.control import ControlledModel
-from ctrldiff.ddim import control_is_off, ddim_step, timestep_pairs
+from ctrldiff.ddim import ddim_step, timestep_pairs
 from ctrldiff.sampling import guided_eps
 
 
@@ -78,9 +79,10 @@ def rollout(
     for k, (t, t_prev) in enumerate(pairs):
         in_window = k >= first_grad
         with_grad = in_window and torch.is_grad_enabled()
+        off = model.is_off(base.scheduler, t, t_prev, cfg.eta)
         with torch.set_grad_enabled(with_grad):
-            if control_is_off(base.scheduler, t, t_prev, cfg.eta):
-                # the base's deterministic step; the reward's gradient still flows through its input
+            if off:
+                # the base's own step; the reward's gradient still flows through its input
                 eps = reference_eps(x, t)
             elif with_grad and cfg.checkpointing:
                 eps = checkpoint(
@@ -89,7 +91,9 @@ def rollout(
             else:
                 eps = guided_eps(base, x, t, c, cfg.guidance_scale, y, model.y_null)
             mean, sigma, _ = ddim_step(base.scheduler, x, eps, t, t_prev, cfg.eta)
-            if sigma > 0 and not (in_window or full_kl):
+            if sigma > 0 and off:
+                kl_steps.append(torch.zeros_like(kl_window))  # the base's kernel: no KL
+            elif sigma > 0 and not (in_window or full_kl):
                 kl_steps.append(torch.full_like(kl_window, float("nan")))
             elif sigma > 0:
                 # The reference mean depends on x_t, which depends on the trainable parameters: its

@@ -129,7 +129,10 @@ def _read_checkpoint(directory: Path, model: ControlledModel) -> tuple[dict, dic
     path = directory / "state.json"
     try:
         state = json.loads(path.read_text())
-        int(state["update"]), str(state["config"])
+        if not isinstance(state, dict) or not (
+            isinstance(state.get("update"), int) and isinstance(state.get("config"), str)
+        ):
+            raise ValueError("it needs an integer 'update' and a string 'config'")
         path = directory / "trainable.safetensors"
         weights = load_file(path)
         if {n: w.shape for n, w in weights.items() if n in names} != names:

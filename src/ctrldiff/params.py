@@ -187,6 +187,7 @@ class FinetuneParams(_Section):
     batch_size: int = Field(16, ge=1)  # trajectories per process per micro-step
     grad_accumulation: int = Field(1, ge=1)
     grad_steps: int = Field(10, ge=1)  # truncated back-propagation: the last K denoising steps
+    base_last_steps: int = Field(0, ge=0)  # the last N stochastic steps keep the base's kernel (no control)
     checkpointing: bool = False  # recompute each denoiser call in backward (less memory, more time)
     lora_rank: int = Field(4, ge=1)
     # peft target_modules (name suffixes): attention projections, plus ResNet convs conv1/conv2
@@ -325,6 +326,11 @@ class Params(_Section):
             raise ValueError(
                 f"finetune.grad_steps = {ft.grad_steps} exceeds finetune.rollout.steps = "
                 f"{ft.rollout.steps}: the gradient window cannot be longer than the rollout"
+            )
+        if ft.base_last_steps >= ft.rollout.steps:
+            raise ValueError(
+                f"finetune.base_last_steps = {ft.base_last_steps} leaves no step of the "
+                f"{ft.rollout.steps}-step rollout (finetune.rollout.steps) to the control"
             )
         return self
 

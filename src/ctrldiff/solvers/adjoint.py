@@ -20,7 +20,7 @@ whose optimum, for the memoryless DDIM chain at eta = 1, is the tilted target. E
 The loss averages over dimensions and regressed steps (its minimiser is that of the sum). With
 ``grad_steps`` K below the number of stochastic steps, K of them, drawn afresh each update, are
 regressed (the rollout and the adjoint always cover the whole chain). A deterministic step (sigma = 0)
-is the base's own (``ddim.control_is_off``): the adjoint passes through it and nothing is regressed.
+is the base's own (``ControlledModel.is_off``): the adjoint passes through it and nothing is regressed.
 
 Classifier-free guidance: μ_pre is the frozen base's guided mean (NULL y), through which the adjoint
 runs; μ_θ is the controlled model's guided mean, both branches through the LoRA, y against NULL y and
@@ -39,7 +39,7 @@ import torch
 
 from ctrldiff.control import ControlledModel
 from ctrldiff.ctrl import LossTerms, RolloutConfig, gaussian_kl
-from ctrldiff.ddim import control_is_off, ddim_step, timestep_pairs
+from ctrldiff.ddim import ddim_step, step_sigma, timestep_pairs
 from ctrldiff.sampling import guided_eps, request_noise
 
 
@@ -72,7 +72,7 @@ class Adjoint:
         c, y = c.to(device), y.to(device)
         noise = request_noise(seeds, base.sample_shape, cfg.steps).to(device)
         pairs = timestep_pairs(base.scheduler, cfg.steps)
-        off = [control_is_off(base.scheduler, t, t_prev, cfg.eta) for t, t_prev in pairs]
+        off = [model.is_off(base.scheduler, t, t_prev, cfg.eta) for t, t_prev in pairs]
 
         # 1. the current model's rollout, without gradients
         states = [noise[:, 0]]
@@ -107,8 +107,12 @@ class Adjoint:
             chosen = [stochastic[i] for i in chosen]
         loss = torch.zeros((), device=device)
         kl_steps = []
-        for k in stochastic:
+        for k in range(len(pairs)):
             t, t_prev = pairs[k]
+            if off[k]:  # the base's kernel: no control, no KL (a column only where the step is random)
+                if float(step_sigma(base.scheduler, t, t_prev, cfg.eta)) > 0:
+                    kl_steps.append(torch.zeros(len(c), device=device))
+                continue
             with torch.set_grad_enabled(k in chosen and torch.is_grad_enabled()):
                 mean, sigma = self._means(model, states[k], t, t_prev, c, y, reference=False)
             if k in chosen:

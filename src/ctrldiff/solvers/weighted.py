@@ -23,7 +23,7 @@ Each request draws one trajectory and is fitted on all its stochastic steps, so 
 trajectories as for backprop, at about the cost of one rollout with gradients. The loss averages
 over steps and dimensions (its minimiser is that of the sum; the sum would only rescale it). A
 deterministic step (sigma = 0) has no transition noise to regress onto: there the control is off
-(``ddim.control_is_off``), as in sampling.
+(``ControlledModel.is_off``), as in sampling, and so it is on the steps the model leaves to the base.
 """
 
 from __future__ import annotations
@@ -84,7 +84,12 @@ class Weighted:
             )
         pairs = timestep_pairs(model.base.scheduler, rollout.steps)
         self.pairs = pairs
-        self.stochastic = [k for k, (_, t_prev) in enumerate(pairs) if t_prev >= 0]
+        # the steps the control acts on: not a deterministic one, nor one left to the base
+        self.stochastic = [
+            k
+            for k, (t, t_prev) in enumerate(pairs)
+            if not model.is_off(model.base.scheduler, t, t_prev, rollout.eta)
+        ]
 
     def draw(self, c: torch.Tensor, y: torch.Tensor, seeds: list[int]) -> list[int]:
         """For each request: a base trajectory of its c, drawn by its (c, y) weights.
