@@ -9,6 +9,7 @@ from ctrldiff.sampling import SamplerConfig, request_noise, sample
 from research.control_window import windowed_sample
 from research.gradient_coherence import continuation_gradients, signal_fraction
 from research.kl_per_step import kl_per_step
+from research.mc_value import ValueGradientStep, ValueResampleStep
 from tests.conftest import micro_base, micro_reward
 
 
@@ -76,3 +77,35 @@ def test_continuation_gradients_agree_at_the_deterministic_last_step_and_not_fro
     torch.testing.assert_close(out[-1][1], torch.ones(3))  # no noise after t = 0: all continuations agree
     assert (out[0][1] < 0.5).all()  # from x_T, three noisy steps decide most of the gradient
     assert all(norm > 0 for _, _, norm in out)
+
+
+def test_mc_value_gradient_is_the_derivative_of_the_log_of_its_monte_carlo_value():
+    base, reward = micro_base(), micro_reward(num_classes=2)
+    cfg = SamplerConfig(steps=4)
+    c, y, seeds = torch.tensor([0, 1]), torch.tensor([1, 0]), [5, 6]
+    x = torch.randn(2, *base.sample_shape, generator=torch.Generator().manual_seed(1))
+    t_prev = timestep_pairs(base.scheduler, cfg.steps)[1][0]
+    grad = ValueGradientStep(reward, gamma=3.0, continuations=4, min_t=-1).grad_log_h(
+        base, x, t_prev, c, y, cfg, seeds
+    )
+    value = ValueResampleStep(reward, gamma=3.0, continuations=4, candidates=2, min_t=-1)
+    v = torch.randn_like(x)  # the same continuations' noise: seeded by (request, t_prev) in both
+    eps = 1e-3
+    diff = (
+        value.log_h(base, x + eps * v, t_prev, c, y, cfg, seeds)
+        - value.log_h(base, x - eps * v, t_prev, c, y, cfg, seeds)
+    ) / (2 * eps)
+    torch.testing.assert_close((grad * v).flatten(1).sum(1), diff, rtol=2e-2, atol=2e-3)
+
+
+def test_mc_value_resampling_with_one_candidate_is_the_base_sampler_and_costs_no_kl():
+    base, reward = micro_base(), micro_reward(num_classes=2)
+    cfg = SamplerConfig(steps=4)
+    c, y, seeds = torch.tensor([0, 1, 2]), torch.tensor([1, 0, 1]), [5, 6, 7]
+    step = ValueResampleStep(reward, gamma=3.0, continuations=2, candidates=1, min_t=-1)
+    torch.testing.assert_close(sample(base, c, seeds, cfg, y, 2, step), sample(base, c, seeds, cfg))
+    assert len(step.kl) == cfg.steps - 1 and all((k.abs() < 1e-6).all() for k in step.kl)
+    step = ValueResampleStep(reward, gamma=3.0, continuations=2, candidates=4, min_t=-1)
+    sample(base, c, seeds, cfg, y, 2, step)
+    kl = torch.stack(step.kl)
+    assert (kl > 0).any() and (kl <= torch.log(torch.tensor(4.0)) + 1e-5).all()  # at most log K per step

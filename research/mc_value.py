@@ -1,0 +1,206 @@
+"""The tilted chain's kernel from a Monte-Carlo value: how close do step-wise choices get to the optimum?
+
+Run after `dvc repro base train_classifier@digit train_classifier@compressibility`:
+    python research/mc_value.py --continuations 2 --candidates 16 [--per-pair 1] [--min-t 100]
+    python research/mc_value.py --continuations 8                  (the gradient form, --candidates 0)
+
+The optimum of CTRL's objective is the base's path measure tilted by p̂(y | x0)^γ. Its kernel at step
+t -> t_prev is the base's N(μ, σ²) times the value h(x') = E_base[p̂(y | x0)^γ | x_t_prev = x']. This
+script estimates h with M continuations of the base's own sampler from x' (fresh noise) and samples
+with it in one of two ways, each the target a distilled control would fit:
+
+- ``--candidates K`` (K > 0): draw K candidates from the base's kernel (candidate 0 the request's own
+  noise) and keep one with probability ∝ ĥ = mean_m p̂(y | x0_m)^γ. Forward only; as K and M grow this
+  draws the tilted kernel itself.
+- ``--candidates 0``: the Gaussian linearisation μ + σ² ∇ log ĥ(μ), with the pathwise gradient
+  ∇ log ĥ = Σ_m softmax_m(γ log p̂_m) ∇_x' γ log p̂(y | x0_m(x')), exact as M grows if log h is
+  nearly linear over σ.
+
+Steps with t <= min_t keep the base's kernel, as `finetune.base_last_steps` does. Prints oracle
+accuracy and macro-F1, c_accuracy, the reward's E log p̂, the path KL (gradient form: Σ σ²‖∇ log ĥ‖² / 2;
+resampling: the selection's KL to the uniform choice, at most log K per step) and γ E log p̂ − KL, on
+requests from seeds 5,000,000+ (disjoint from the evaluation's, the tuning's and the base rollouts').
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ctrldiff.base import BaseModel, load_base
+from ctrldiff.classifier import Classifier
+from ctrldiff.ddim import ddim_step, timestep_pairs
+from ctrldiff.evaluation import control_metrics, features_and_predictions
+from ctrldiff.methods import balanced_requests
+from ctrldiff.oracles import to_uint8
+from ctrldiff.params import load_params
+from ctrldiff.sampling import SamplerConfig, guided_eps, sample
+from ctrldiff.tasks import load_reward, num_joint_classes
+
+
+class ValueGradientStep:
+    """A sampling step: the base's mean plus σ² times the M-continuation estimate of ∇ log h."""
+
+    def __init__(self, reward: Classifier, gamma: float, continuations: int, min_t: int, chunk: int = 48):
+        self.reward, self.gamma, self.m, self.min_t, self.chunk = reward, gamma, continuations, min_t, chunk
+        self.kl: list[torch.Tensor] = []
+
+    def grad_log_h(self, model: BaseModel, x: torch.Tensor, t_prev: int, c, y, cfg, seeds) -> torch.Tensor:
+        pairs = timestep_pairs(model.scheduler, cfg.steps)
+        rest = pairs[[t for t, _ in pairs].index(t_prev) :]
+        m, n = self.m, len(x)
+        gens = [torch.Generator().manual_seed(int(s) * 7_919 + t_prev) for s in seeds]
+        noise = torch.stack([torch.randn((m, len(rest), *x.shape[1:]), generator=g) for g in gens], 1)
+        noise = noise.flatten(0, 1).to(x)  # (m * n, steps, ...), row j * n + i: continuation j of request i
+        xs, cs, ys = x.repeat(m, 1, 1, 1), c.repeat(m), y.repeat(m)
+        grads, logps = [], []
+        for i in range(0, m * n, self.chunk):
+            sl = slice(i, i + self.chunk)
+            start = xs[sl].clone().requires_grad_(True)
+            h = start
+            for k, (t, tp) in enumerate(rest):
+                eps = guided_eps(model, h, t, cs[sl], cfg.guidance_scale)
+                mean, sigma, _ = ddim_step(model.scheduler, h, eps, t, tp, cfg.eta)
+                h = mean + sigma * noise[sl, k]
+            lp = self.gamma * self.reward.log_prob(model.decode(h).clamp(-1, 1), ys[sl])
+            grads.append(torch.autograd.grad(lp.sum(), start)[0])
+            logps.append(lp.detach())
+        g, lp = torch.cat(grads).view(m, n, *x.shape[1:]), torch.cat(logps).view(m, n)
+        w = lp.softmax(0).view(m, n, *[1] * (x.dim() - 1))
+        return (w * g).sum(0)
+
+    def __call__(self, model, x, t, t_prev, z, c, cfg, y, y_null=None, seeds=None):
+        with torch.no_grad():
+            eps = guided_eps(model, x, t, c, cfg.guidance_scale)
+            mean, sigma, _ = ddim_step(model.scheduler, x, eps, t, t_prev, cfg.eta)
+        if float(sigma) == 0.0 or t <= self.min_t:
+            return mean + sigma * z
+        with torch.enable_grad():
+            shift = sigma**2 * self.grad_log_h(model, mean, t_prev, c, y, cfg, seeds)
+        self.kl.append(shift.pow(2).flatten(1).sum(1) / (2 * sigma**2))
+        return mean + shift + sigma * z
+
+
+class ValueResampleStep(ValueGradientStep):
+    """A sampling step: K candidates from the base's kernel, one kept with probability ∝ ĥ(candidate).
+
+    ĥ is the M-continuation Monte-Carlo mean of p̂(y | x0)^γ (forward only). With exact h and many
+    candidates this draws the tilted kernel itself, with no Gaussian approximation. ``kl`` collects the
+    selection's KL to the uniform choice, Σ_j w_j log(K w_j) per step, the path KL of the reweighted
+    candidates (at most log K per step).
+    """
+
+    def __init__(self, reward: Classifier, gamma: float, continuations: int, candidates: int, min_t: int):
+        super().__init__(reward, gamma, continuations, min_t)
+        self.k = candidates
+
+    @torch.no_grad()
+    def log_h(self, model: BaseModel, x: torch.Tensor, t_prev: int, c, y, cfg, seeds) -> torch.Tensor:
+        pairs = timestep_pairs(model.scheduler, cfg.steps)
+        rest = pairs[[t for t, _ in pairs].index(t_prev) :]
+        m, n = self.m, len(x)  # x: (n, ...) candidates of n / K requests, candidate-major
+        gens = [torch.Generator().manual_seed(int(s) * 7_919 + t_prev) for s in seeds]
+        noise = torch.stack([torch.randn((m, len(rest), *x.shape[1:]), generator=g) for g in gens], 1)
+        noise = noise.flatten(0, 1).to(x)
+        h = x.repeat(m, 1, 1, 1)
+        cs, ys = c.repeat(m), y.repeat(m)
+        for k, (t, tp) in enumerate(rest):
+            eps = guided_eps(model, h, t, cs, cfg.guidance_scale)
+            mean, sigma, _ = ddim_step(model.scheduler, h, eps, t, tp, cfg.eta)
+            h = mean + sigma * noise[:, k]
+        lp = self.gamma * self.reward.log_prob(model.decode(h).clamp(-1, 1), ys).view(m, n)
+        return lp.logsumexp(0) - torch.log(torch.tensor(float(m)))
+
+    @torch.no_grad()
+    def __call__(self, model, x, t, t_prev, z, c, cfg, y, y_null=None, seeds=None):
+        eps = guided_eps(model, x, t, c, cfg.guidance_scale)
+        mean, sigma, _ = ddim_step(model.scheduler, x, eps, t, t_prev, cfg.eta)
+        if float(sigma) == 0.0 or t <= self.min_t:
+            return mean + sigma * z
+        gens = [torch.Generator().manual_seed(int(s) * 1_000_003 + t) for s in seeds]
+        extra = torch.stack([torch.randn((self.k - 1, *z.shape[1:]), generator=g) for g in gens], 1).to(z)
+        cand = mean + sigma * torch.cat([z[None], extra])  # (K, n, ...); candidate 0 the request's own noise
+        k, n = self.k, len(x)
+        cand_seeds = [
+            int(s) * 31 + j for j in range(k) for s in seeds
+        ]  # distinct continuations per candidate
+        log_h = torch.cat(
+            [
+                self.log_h(
+                    model, cand[j : j + 1].flatten(0, 1), t_prev, c, y, cfg, cand_seeds[j * n : (j + 1) * n]
+                )
+                for j in range(k)
+            ]
+        ).view(k, n)
+        w = log_h.softmax(0)
+        self.kl.append((w * (k * w).clamp(min=1e-30).log()).sum(0))
+        u = torch.stack([torch.rand((), generator=g) for g in gens]).to(w)
+        pick = (w.cumsum(0) < u).sum(0).clamp(max=k - 1)
+        return cand[pick, torch.arange(n, device=x.device)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", type=Path, default=Path("models"))
+    parser.add_argument("--data", type=Path, default=Path("data/labelled"))
+    parser.add_argument("--continuations", type=int, default=8)
+    parser.add_argument("--per-pair", type=int, default=2, help="images per (c, y)")
+    parser.add_argument(
+        "--min-t", type=int, default=100, help="steps out of t <= this keep the base's kernel"
+    )
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument(
+        "--candidates", type=int, default=0, help="> 0: resample K base candidates by ĥ instead"
+    )
+    args = parser.parse_args()
+    params = load_params("params.yaml")
+    meta = json.loads((args.data / "meta.json").read_text())
+    base = load_base(args.models / "base")
+    reward = load_reward(meta, args.models)
+    digit = Classifier.load(args.models / "classifier" / "digit")
+    for p in [*base.unet.parameters(), *reward.net.parameters()]:
+        p.requires_grad_(False)
+    ro = params.finetune.rollout
+    cfg = SamplerConfig(ro.steps, ro.eta, ro.guidance_scale)
+    num_y = num_joint_classes(meta)
+    req = balanced_requests(len(base.classes), num_y, args.per_pair, 5_000_000)
+    c, y, seeds = torch.tensor(req.c.to_numpy()), torch.tensor(req.y.to_numpy()), req.seed.tolist()
+    if args.candidates > 0:
+        step = ValueResampleStep(reward, params.gamma, args.continuations, args.candidates, args.min_t)
+    else:
+        step = ValueGradientStep(reward, params.gamma, args.continuations, args.min_t)
+    start, images, kls = time.perf_counter(), [], []
+    desc = f"MC value, M = {args.continuations}, K = {args.candidates}"
+    for i in tqdm(range(0, len(req), args.batch), desc=desc):
+        sl = slice(i, i + args.batch)
+        step.kl = []
+        images.append(sample(base, c[sl], seeds[sl], cfg, y[sl], num_y, step))
+        kls.append(torch.stack(step.kl, 1))
+    images, kl, seconds = torch.cat(images), torch.cat(kls), time.perf_counter() - start
+    with torch.no_grad():
+        log_p = reward.log_prob(images, y).mean().item()
+    pixels = to_uint8(images)
+    metrics = control_metrics(pixels, y.numpy(), meta)
+    metrics = metrics.get("joint") or next(iter(metrics.values()))
+    _, pred = features_and_predictions(digit, pixels)
+    c_acc = float((pred == c.numpy()).mean())
+    total_kl = kl.sum(1).mean().item()
+    print(
+        f"M = {args.continuations}, K = {args.candidates}, {len(req)} images, control on t > {args.min_t}: "
+        f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}, c_accuracy {c_acc:.3f}, "
+        f"E log p̂ {log_p:.3f}, KL {total_kl:.2f} (per step {[round(v, 2) for v in kl.mean(0).tolist()]}), "
+        f"objective {params.gamma * log_p - total_kl:.2f}, {seconds / len(req):.1f} s / image"
+    )
+    per_y = [(pred[y.numpy() == k] == c.numpy()[y.numpy() == k]).mean() for k in range(int(y.max()) + 1)]
+    print("c_accuracy per requested y:", [round(float(v), 3) for v in per_y])
+
+
+if __name__ == "__main__":
+    main()
