@@ -39,7 +39,7 @@ from ctrldiff.evaluation import control_metrics, features_and_predictions
 from ctrldiff.methods import balanced_requests
 from ctrldiff.oracles import to_uint8
 from ctrldiff.params import load_params
-from ctrldiff.sampling import SamplerConfig, guided_eps, sample
+from ctrldiff.sampling import SamplerConfig, ddim_cfg_step, guided_eps, sample
 from ctrldiff.tasks import load_reward, num_joint_classes
 
 
@@ -50,24 +50,30 @@ class ValueGradientStep:
         self.reward, self.gamma, self.m, self.min_t, self.chunk = reward, gamma, continuations, min_t, chunk
         self.kl: list[torch.Tensor] = []
 
-    def grad_log_h(self, model: BaseModel, x: torch.Tensor, t_prev: int, c, y, cfg, seeds) -> torch.Tensor:
+    def continuations(self, model: BaseModel, x: torch.Tensor, t_prev: int, cfg: SamplerConfig, seeds):
+        """The base's steps from t_prev on, and each request's M continuation noises, (M * n, steps, ...):
+        row j * n + i is continuation j of request i, seeded by (the request's seed, t_prev)."""
         pairs = timestep_pairs(model.scheduler, cfg.steps)
         rest = pairs[[t for t, _ in pairs].index(t_prev) :]
-        m, n = self.m, len(x)
         gens = [torch.Generator().manual_seed(int(s) * 7_919 + t_prev) for s in seeds]
-        noise = torch.stack([torch.randn((m, len(rest), *x.shape[1:]), generator=g) for g in gens], 1)
-        noise = noise.flatten(0, 1).to(x)  # (m * n, steps, ...), row j * n + i: continuation j of request i
+        noise = torch.stack([torch.randn((self.m, len(rest), *x.shape[1:]), generator=g) for g in gens], 1)
+        return rest, noise.flatten(0, 1).to(x)
+
+    def end_log_p(self, model: BaseModel, x, rest, c, y, cfg: SamplerConfig, noise) -> torch.Tensor:
+        """γ log p̂(y | x0) at the end of the base's chain from x over the steps ``rest``."""
+        for k, (t, tp) in enumerate(rest):
+            x = ddim_cfg_step(model, x, t, tp, noise[:, k], c, cfg)
+        return self.gamma * self.reward.log_prob(model.decode(x).clamp(-1, 1), y)
+
+    def grad_log_h(self, model: BaseModel, x: torch.Tensor, t_prev: int, c, y, cfg, seeds) -> torch.Tensor:
+        rest, noise = self.continuations(model, x, t_prev, cfg, seeds)
+        m, n = self.m, len(x)
         xs, cs, ys = x.repeat(m, 1, 1, 1), c.repeat(m), y.repeat(m)
         grads, logps = [], []
-        for i in range(0, m * n, self.chunk):
+        for i in range(0, m * n, self.chunk):  # chunks of continuations: the graph of all M at once is large
             sl = slice(i, i + self.chunk)
             start = xs[sl].clone().requires_grad_(True)
-            h = start
-            for k, (t, tp) in enumerate(rest):
-                eps = guided_eps(model, h, t, cs[sl], cfg.guidance_scale)
-                mean, sigma, _ = ddim_step(model.scheduler, h, eps, t, tp, cfg.eta)
-                h = mean + sigma * noise[sl, k]
-            lp = self.gamma * self.reward.log_prob(model.decode(h).clamp(-1, 1), ys[sl])
+            lp = self.end_log_p(model, start, rest, cs[sl], ys[sl], cfg, noise[sl])
             grads.append(torch.autograd.grad(lp.sum(), start)[0])
             logps.append(lp.detach())
         g, lp = torch.cat(grads).view(m, n, *x.shape[1:]), torch.cat(logps).view(m, n)
@@ -101,20 +107,11 @@ class ValueResampleStep(ValueGradientStep):
 
     @torch.no_grad()
     def log_h(self, model: BaseModel, x: torch.Tensor, t_prev: int, c, y, cfg, seeds) -> torch.Tensor:
-        pairs = timestep_pairs(model.scheduler, cfg.steps)
-        rest = pairs[[t for t, _ in pairs].index(t_prev) :]
-        m, n = self.m, len(x)  # x: (n, ...) candidates of n / K requests, candidate-major
-        gens = [torch.Generator().manual_seed(int(s) * 7_919 + t_prev) for s in seeds]
-        noise = torch.stack([torch.randn((m, len(rest), *x.shape[1:]), generator=g) for g in gens], 1)
-        noise = noise.flatten(0, 1).to(x)
-        h = x.repeat(m, 1, 1, 1)
-        cs, ys = c.repeat(m), y.repeat(m)
-        for k, (t, tp) in enumerate(rest):
-            eps = guided_eps(model, h, t, cs, cfg.guidance_scale)
-            mean, sigma, _ = ddim_step(model.scheduler, h, eps, t, tp, cfg.eta)
-            h = mean + sigma * noise[:, k]
-        lp = self.gamma * self.reward.log_prob(model.decode(h).clamp(-1, 1), ys).view(m, n)
-        return lp.logsumexp(0) - torch.log(torch.tensor(float(m)))
+        """log ĥ(x) = log mean_m p̂(y | x0_m)^γ over the M continuations of each state in x."""
+        rest, noise = self.continuations(model, x, t_prev, cfg, seeds)
+        m = self.m
+        lp = self.end_log_p(model, x.repeat(m, 1, 1, 1), rest, c.repeat(m), y.repeat(m), cfg, noise)
+        return lp.view(m, len(x)).logsumexp(0) - torch.log(torch.tensor(float(m)))
 
     @torch.no_grad()
     def __call__(self, model, x, t, t_prev, z, c, cfg, y, y_null=None, seeds=None):
@@ -126,17 +123,9 @@ class ValueResampleStep(ValueGradientStep):
         extra = torch.stack([torch.randn((self.k - 1, *z.shape[1:]), generator=g) for g in gens], 1).to(z)
         cand = mean + sigma * torch.cat([z[None], extra])  # (K, n, ...); candidate 0 the request's own noise
         k, n = self.k, len(x)
-        cand_seeds = [
-            int(s) * 31 + j for j in range(k) for s in seeds
-        ]  # distinct continuations per candidate
-        log_h = torch.cat(
-            [
-                self.log_h(
-                    model, cand[j : j + 1].flatten(0, 1), t_prev, c, y, cfg, cand_seeds[j * n : (j + 1) * n]
-                )
-                for j in range(k)
-            ]
-        ).view(k, n)
+        # candidate j of request i continues with noise of its own, seeded by (seed * 31 + j, t_prev)
+        seeds_of = [[int(s) * 31 + j for s in seeds] for j in range(k)]
+        log_h = torch.stack([self.log_h(model, cand[j], t_prev, c, y, cfg, seeds_of[j]) for j in range(k)])
         w = log_h.softmax(0)
         self.kl.append((w * (k * w).clamp(min=1e-30).log()).sum(0))
         u = torch.stack([torch.rand((), generator=g) for g in gens]).to(w)
