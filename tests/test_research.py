@@ -10,7 +10,9 @@ from research.control_window import windowed_sample
 from research.gradient_coherence import continuation_gradients, signal_fraction
 from research.kl_per_step import kl_per_step
 from research.mc_value import ValueGradientStep, ValueResampleStep
+from research.policy_gradient import policy_gradient_loss
 from tests.conftest import micro_base, micro_reward
+from tests.test_solvers import STEPS, GaussianReward, ToyControl, assert_reaches_the_tilt, draw
 
 
 def test_kl_per_step_matches_the_step_by_step_kl_of_the_control_window():
@@ -109,3 +111,21 @@ def test_mc_value_resampling_with_one_candidate_is_the_base_sampler_and_costs_no
     sample(base, c, seeds, cfg, y, 2, step)
     kl = torch.stack(step.kl)
     assert (kl > 0).any() and (kl <= torch.log(torch.tensor(4.0)) + 1e-5).all()  # at most log K per step
+
+
+def test_policy_gradient_reaches_the_tilt_of_the_gaussian_known_answer_case():
+    """The score-function estimator, which never takes the reward's gradient, has the solvers' optimum."""
+    model, updates, group = ToyControl(), 300, 4
+    opt = torch.optim.Adam([model.base.unet.a, model.base.unet.b], lr=0.02)
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1 - u / updates)
+    for u in range(updates):
+        c, _, seeds = draw(0, 128, 10_000 + u)
+        y = (torch.arange(128) // group) % 2  # blocks of `group` rollouts share a request
+        loss, _ = policy_gradient_loss(
+            model, GaussianReward(), 1.0, c, y, seeds, RolloutConfig(STEPS, 1.0, 1.0), group
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        decay.step()
+    assert_reaches_the_tilt(model)
