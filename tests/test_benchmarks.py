@@ -66,3 +66,12 @@ def test_weighted_scores_match_sklearn_on_the_expanded_set():
     asked, got = [0, 1, 1, 0, 1], [0, 1, 1, 1, 1]  # the same, expanded: image 1 twice for y 1
     assert acc == pytest.approx(4 / 5)
     assert f1 == pytest.approx(f1_score(asked, got, average="macro"))
+
+
+def test_cross_machine_digest_is_the_same_on_two_runs_in_one_process():
+    from benchmarks.cross_machine_bytes import measure
+
+    first, second = measure(steps=1), measure(steps=1)
+    for key in ("weights", "forward", "final_loss"):
+        assert first[key] == second[key], key
+    assert len(first["weights"]) == 12 and first["capability"]
