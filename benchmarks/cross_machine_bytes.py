@@ -13,7 +13,6 @@ trained weights. Run it on two machines: a cap whose digests agree on both gives
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -33,6 +32,7 @@ def measure(steps: int) -> dict:
     import torch
 
     from ctrldiff.base import build_embedded, train_base
+    from ctrldiff.finetune import tensors_hash, weights_hash
     from ctrldiff.params import load_params
 
     params = load_params("params.yaml")
@@ -45,23 +45,21 @@ def measure(steps: int) -> dict:
     start = time.perf_counter()
     losses = train_base(base, x, c, cfg, seed=0)
     train_s = time.perf_counter() - start
-    weights = hashlib.sha256()
-    for name, tensor in sorted(base.unet.state_dict().items()):
-        weights.update(name.encode() + tensor.detach().contiguous().numpy().tobytes())
     xt = torch.randn(160, params.data.channels, res, res, generator=gen)
     t = torch.full((160,), 500)
     with torch.no_grad():
-        base.unet(xt, t, base.encoder(c[:160]))  # warm-up
+        cond = base.encoder(c[:160])
+        base.unet(xt, t, cond)  # warm-up
         start = time.perf_counter()
-        out = base.unet(xt, t, base.encoder(c[:160])).sample
+        out = base.unet(xt, t, cond).sample
         forward_s = time.perf_counter() - start
     return {
         "capability": torch.backends.cpu.get_cpu_capability(),
         "train_s_per_step": train_s / steps,
         "forward_s": forward_s,
         "final_loss": repr(losses[-1]),
-        "weights": weights.hexdigest()[:12],
-        "forward": hashlib.sha256(out.numpy().tobytes()).hexdigest()[:12],
+        "weights": weights_hash(base.unet),
+        "forward": tensors_hash({"forward": out}),
     }
 
 
@@ -79,7 +77,7 @@ def main() -> None:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     print(f"CPU: {cpu}; {args.steps} training steps of the default base at batch 64, a forward at batch 160")
     header = ("cap", "ATen", "s/step", "fwd s", "final loss", "weights", "forward")
-    print("{:<22} {:>8} {:>7} {:>6} {:>22} {:>13} {:>13}".format(*header))
+    print("{:<22} {:>8} {:>7} {:>6} {:>22} {:>17} {:>17}".format(*header))
     for name, env in CAPS.items():
         run = subprocess.run(
             [sys.executable, __file__, "--inner", "--steps", str(args.steps)],
@@ -91,7 +89,7 @@ def main() -> None:
         r = json.loads(run.stdout.strip().splitlines()[-1])
         print(
             f"{name:<22} {r['capability']:>8} {r['train_s_per_step']:>7.3f} {r['forward_s']:>6.3f} "
-            f"{r['final_loss']:>22} {r['weights']:>13} {r['forward']:>13}"
+            f"{r['final_loss']:>22} {r['weights']:>17} {r['forward']:>17}"
         )
 
 
