@@ -24,6 +24,17 @@ CAPS = {
     "aten avx2": {"ATEN_CPU_CAPABILITY": "avx2"},
     "aten+onednn avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
     "aten+onednn+mkl avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"},
+    "aten+onednn avx2, mkl strict": {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "MKL_CBWR": "AVX2,STRICT",
+    },
+    # no oneDNN: convolutions by ATen's im2col and MKL's GEMM in its conditional-reproducibility mode
+    "no onednn, mkl compatible": {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "BENCH_NO_ONEDNN": "1",
+        "MKL_CBWR": "COMPATIBLE",
+    },
 }
 
 
@@ -31,6 +42,8 @@ def measure(steps: int) -> dict:
     """The fixed computation, in this process: digests of the trained weights and of one forward."""
     import torch
 
+    if os.environ.get("BENCH_NO_ONEDNN") == "1":
+        torch.backends.mkldnn.enabled = False
     from ctrldiff.base import build_embedded, train_base
     from ctrldiff.finetune import tensors_hash, weights_hash
     from ctrldiff.params import load_params
@@ -68,6 +81,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument(
+        "--caps", nargs="*", choices=list(CAPS), default=list(CAPS), help="which caps to run (default all)"
+    )
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner:
@@ -77,8 +93,9 @@ def main() -> None:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     print(f"CPU: {cpu}; {args.steps} training steps of the default base at batch 64, a forward at batch 160")
     header = ("cap", "ATen", "s/step", "fwd s", "final loss", "weights", "forward")
-    print("{:<22} {:>8} {:>7} {:>6} {:>22} {:>17} {:>17}".format(*header))
-    for name, env in CAPS.items():
+    print("{:<30} {:>8} {:>7} {:>6} {:>22} {:>17} {:>17}".format(*header))
+    for name in args.caps:
+        env = CAPS[name]
         run = subprocess.run(
             [sys.executable, __file__, "--inner", "--steps", str(args.steps)],
             env={**os.environ, **env},
@@ -88,7 +105,7 @@ def main() -> None:
         )
         r = json.loads(run.stdout.strip().splitlines()[-1])
         print(
-            f"{name:<22} {r['capability']:>8} {r['train_s_per_step']:>7.3f} {r['forward_s']:>6.3f} "
+            f"{name:<30} {r['capability']:>8} {r['train_s_per_step']:>7.3f} {r['forward_s']:>6.3f} "
             f"{r['final_loss']:>22} {r['weights']:>17} {r['forward']:>17}"
         )
 
