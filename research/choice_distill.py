@@ -2,6 +2,9 @@
 
 Run after `dvc repro base train_classifier@digit train_classifier@compressibility`:
     python research/choice_distill.py --per-pair 6 --candidates 16 --continuations 1 --batch 10 --keep last
+    # the target low-passed to its 4 x 4 lowest DCT frequencies, at a tenth of the learning rates:
+    python research/choice_distill.py --per-pair 6 --candidates 16 --continuations 1 --batch 10 --keep last \
+        --lowpass 4 --lr-scale 0.1
     # twice the data (a second recording, cached in --out beside the first), the same number of updates:
     python research/choice_distill.py --per-pair 6 --candidates 16 --continuations 1 --batch 10 --keep last \
         --seed-starts 7000000 7001000 --epochs 4
@@ -24,7 +27,10 @@ the Gaussian control a LoRA can hold, at a cost a CPU can pay once:
    ``--epochs`` passes over the recorded steps; 10 % of the trajectories are held out, and the held-out
    loss is printed against the zero control's (the fit's gain: negative when it fits noise), beside
    the gain on as many training rows. ``--keep best`` judges the best held-out epoch, ``--keep last``
-   the last; ``--trainable embedding`` fits the y-embedding alone.
+   the last; ``--trainable embedding`` fits the y-embedding alone. ``--lowpass N`` regresses onto the
+   target's projection onto its N × N lowest 2-D DCT frequencies instead: the noise of u* is spread
+   evenly over every frequency (E[1/ESS] each), so if the signal lives in the low ones the projection
+   keeps it and removes the rest of the noise; the printed spectrum measures where it lives.
 3. **Judge.** Sample the `sample` stage's 320 evaluation requests with the distilled control (the
    last stochastic step the base's, as `finetune.base_last_steps: 1`), and print the oracle's accuracy,
    macro-F1, c_accuracy, E log p̂, the whole trajectory KL to the base (nats) and γ E log p̂ − KL: the
@@ -155,6 +161,52 @@ def merge(parts: list[dict]) -> dict:
     return merged
 
 
+def dct_basis(n: int) -> torch.Tensor:
+    """The orthonormal n-point DCT-II matrix D: the 2-D transform of an n × n image X is D @ X @ D.T."""
+    k = torch.arange(n, dtype=torch.float64)
+    d = torch.cos((2 * k[None] + 1) * k[:, None] * math.pi / (2 * n)) * math.sqrt(2 / n)
+    d[0] /= math.sqrt(2)
+    return d.float()
+
+
+def lowpass(x: torch.Tensor, keep: int) -> torch.Tensor:
+    """x's projection onto its keep × keep lowest 2-D DCT frequencies, per channel."""
+    d = dct_basis(x.shape[-1]).to(x)
+    mask = torch.zeros(x.shape[-2:], dtype=x.dtype)
+    mask[:keep, :keep] = 1
+    return d.T @ ((d @ x @ d.T) * mask) @ d
+
+
+def spectrum(data: dict, edges: tuple[int, ...] = (0, 2, 4, 8, 14)) -> None:
+    """Where the target's signal lives: its mean energy per DCT coefficient, by band and by step.
+
+    If the weights did not depend on the candidates' noise, every coefficient of u* would have the
+    energy E[Σ_j w_j²] = E[1/ESS]; the excess over that floor is the signal's energy (and the
+    estimator's covariance with the weights). Bands are max(i, j) ∈ [edges[b], edges[b + 1]) of the
+    2-D DCT coefficient (i, j), the last band up to n.
+    """
+    target = data["target"]
+    n = target.shape[-1]
+    d = dct_basis(n)
+    energy = (d @ target @ d.T).pow(2).mean(1)  # (rows, n, n): mean over channels
+    ij = torch.arange(n)
+    band_of = torch.maximum(ij[:, None], ij[None])
+    bounds = [*edges, n]
+    header = " | ".join(f"[{a},{b})" for a, b in zip(bounds, bounds[1:], strict=False))
+    print(f"target energy per coefficient / E[1/ESS], by band max(i, j) ∈ {header}; ± 2 s.e. of the first")
+    for t in [*data["t"].unique().flip(0).tolist(), None]:
+        rows = data["t"] == t if t is not None else torch.ones(len(target), dtype=torch.bool)
+        floor = (1 / data["ess"][rows]).mean()
+        per_row = [
+            energy[rows][:, (band_of >= a) & (band_of < b)].mean(1) / floor
+            for a, b in zip(bounds, bounds[1:], strict=False)
+        ]
+        se = 2 * per_row[0].std() / math.sqrt(len(per_row[0]))
+        label = f"t = {t}" if t is not None else "all steps"
+        cells = " | ".join(f"{float(r.mean()):.3f}" for r in per_row)
+        print(f"  {label:>10}: {cells}  (± {float(se):.3f}; {int(rows.sum())} rows)")
+
+
 def step_mean(model: ControlledModel, x, t: int, t_prev: int, c, y, cfg: SamplerConfig, reference: bool):
     base = model.base
     if reference:
@@ -209,9 +261,12 @@ def fit(model: ControlledModel, data: dict, args, cfg, params) -> list[dict]:
     if args.trainable == "embedding":  # the y-embedding alone: far fewer parameters to fit the noise with
         for p in lora:
             p.requires_grad_(False)
-        groups = [{"params": emb, "lr": ft.lr_embedding}]
+        groups = [{"params": emb, "lr": ft.lr_embedding * args.lr_scale}]
     else:
-        groups = [{"params": lora, "lr": ft.lr_lora}, {"params": emb, "lr": ft.lr_embedding}]
+        groups = [
+            {"params": lora, "lr": ft.lr_lora * args.lr_scale},
+            {"params": emb, "lr": ft.lr_embedding * args.lr_scale},
+        ]
     trained = [p for group in groups for p in group["params"]]
     print(f"fitting {sum(p.numel() for p in trained):,} parameters to {len(train_rows)} recorded steps")
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
@@ -339,6 +394,13 @@ def main() -> None:
         default=[7_000_000],
         help="one recording of --per-pair trajectories per (c, y) from each seed start, fitted together",
     )
+    parser.add_argument(
+        "--lowpass",
+        type=int,
+        default=0,
+        help="> 0: regress onto the target's projection onto its N × N lowest 2-D DCT frequencies",
+    )
+    parser.add_argument("--lr-scale", type=float, default=1.0, help="times finetune's learning rates")
     parser.add_argument("--record-only", action="store_true", help="record (and cache) the data, no fit")
     parser.add_argument("--limit", type=int, default=0, help="> 0: record only this many requests (smoke)")
     parser.add_argument("--judge-per-pair", type=int, default=0, help="> 0: judge on fewer requests (smoke)")
@@ -366,9 +428,10 @@ def main() -> None:
         parts.append(record(base, reward, params.gamma, args, cfg, num_y, seed_start))
         parts[-1]["seconds"] = time.perf_counter() - start
         torch.save(parts[-1], args.out / name)
-    if args.record_only:
-        return
     data = merge(parts)
+    if args.record_only:
+        spectrum(data)
+        return
     n_img = len(data["sampler_images"])
     sampler = figures(
         data["sampler_images"],
@@ -390,6 +453,14 @@ def main() -> None:
         f"median {ess.median():.2f}; target per-dimension mean square {data['target'].pow(2).mean():.4f}"
     )
 
+    spectrum(data)
+    if args.lowpass:
+        data["target"] = lowpass(data["target"], args.lowpass)
+        print(
+            f"target projected onto its {args.lowpass} × {args.lowpass} lowest DCT frequencies: "
+            f"per-dimension mean square {data['target'].pow(2).mean():.4f}"
+        )
+
     base = load_base(args.models / "base")  # a fresh copy for the control
     ft = params.finetune
     model = add_control(
@@ -402,7 +473,7 @@ def main() -> None:
     start = time.perf_counter()
     history = fit(model, data, args, cfg, params)
     fit_minutes = (time.perf_counter() - start) / 60
-    model.save(args.out / f"ctrl_{args.trainable}_{args.keep}")
+    model.save(args.out / f"ctrl_{args.trainable}_{args.keep}_lp{args.lowpass}_lr{args.lr_scale:g}")
     result = judge(model, reward, digit, meta, params, cfg, num_y, args.judge_per_pair)
     result.update(
         {
@@ -412,7 +483,9 @@ def main() -> None:
             "args": vars(args) | {"out": str(args.out), "models": str(args.models), "data": str(args.data)},
         }
     )
-    (args.out / f"result_{args.trainable}_{args.keep}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"result_{args.trainable}_{args.keep}_lp{args.lowpass}_lr{args.lr_scale:g}.json").write_text(
+        json.dumps(result, indent=2) + "\n"
+    )
     print(
         "distilled control on the evaluation requests:",
         {k: v for k, v in result.items() if k not in ("history", "args")},
