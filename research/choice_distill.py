@@ -75,23 +75,16 @@ class RecordingResampleStep(ValueResampleStep):
         self.records: list[dict] = []
 
     @torch.no_grad()
-    def __call__(self, model, x, t, t_prev, z, c, cfg, y, y_null=None, seeds=None):
-        eps = guided_eps(model, x, t, c, cfg.guidance_scale)
-        mean, sigma, _ = ddim_step(model.scheduler, x, eps, t, t_prev, cfg.eta)
-        if float(sigma) == 0.0 or t <= self.min_t:
-            return mean + sigma * z
-        gens = [torch.Generator().manual_seed(int(s) * 1_000_003 + t) for s in seeds]
-        extra = torch.stack([torch.randn((self.k - 1, *z.shape[1:]), generator=g) for g in gens], 1).to(z)
-        noises = torch.cat([z[None], extra])  # (K, n, ...); candidate 0 the request's own noise
-        cand = mean + sigma * noises
-        k, n = self.k, len(x)
-        # mc_value's continuations (candidate j of request i seeded by seed * 31 + j), in one batch
+    def candidates_log_h(self, model, cand, t_prev, c, y, cfg, seeds):
+        """mc_value's continuations (candidate j of request i seeded by seed * 31 + j), in one batch."""
+        k, n = cand.shape[:2]
         seeds_of = [int(s) * 31 + j for j in range(k) for s in seeds]
         flat = self.log_h(model, cand.flatten(0, 1), t_prev, c.repeat(k), y.repeat(k), cfg, seeds_of)
-        w = flat.view(k, n).softmax(0)
-        self.kl.append((w * (k * w).clamp(min=1e-30).log()).sum(0))
-        target = (w.view(k, n, *[1] * (x.dim() - 1)) * noises).sum(0)
-        ess = 1.0 / w.pow(2).sum(0)
+        return flat.view(k, n)
+
+    def observe(self, x, t, t_prev, c, y, mean, sigma, noises, w) -> None:
+        """Record the step's state and its Rao–Blackwellised target Σ_j w_j z_j."""
+        target = (w.view(*w.shape, *[1] * (x.dim() - 1)) * noises).sum(0)
         self.records.append(
             {
                 "x": x.cpu(),
@@ -102,12 +95,9 @@ class RecordingResampleStep(ValueResampleStep):
                 "mean": mean.cpu(),
                 "sigma": float(sigma),
                 "target": target.cpu(),
-                "ess": ess.cpu(),
+                "ess": (1.0 / w.pow(2).sum(0)).cpu(),
             }
         )
-        u = torch.stack([torch.rand((), generator=g) for g in gens]).to(w)
-        pick = (w.cumsum(0) < u).sum(0).clamp(max=k - 1)
-        return cand[pick, torch.arange(n, device=x.device)]
 
 
 def record(base, reward, gamma, args, cfg, num_y, seed_start: int) -> dict:

@@ -114,6 +114,18 @@ class ValueResampleStep(ValueGradientStep):
         return lp.view(m, len(x)).logsumexp(0) - torch.log(torch.tensor(float(m)))
 
     @torch.no_grad()
+    def candidates_log_h(self, model: BaseModel, cand: torch.Tensor, t_prev: int, c, y, cfg, seeds):
+        """log ĥ of each candidate, (K, n); candidate j of request i continues with noise of its own,
+        seeded by (seed * 31 + j, t_prev)."""
+        seeds_of = [[int(s) * 31 + j for s in seeds] for j in range(self.k)]
+        return torch.stack(
+            [self.log_h(model, cand[j], t_prev, c, y, cfg, seeds_of[j]) for j in range(self.k)]
+        )
+
+    def observe(self, x, t, t_prev, c, y, mean, sigma, noises, w) -> None:
+        """Called at each controlled step with the candidates' noises (K, n, ...) and weights (K, n)."""
+
+    @torch.no_grad()
     def __call__(self, model, x, t, t_prev, z, c, cfg, y, y_null=None, seeds=None):
         eps = guided_eps(model, x, t, c, cfg.guidance_scale)
         mean, sigma, _ = ddim_step(model.scheduler, x, eps, t, t_prev, cfg.eta)
@@ -121,13 +133,12 @@ class ValueResampleStep(ValueGradientStep):
             return mean + sigma * z
         gens = [torch.Generator().manual_seed(int(s) * 1_000_003 + t) for s in seeds]
         extra = torch.stack([torch.randn((self.k - 1, *z.shape[1:]), generator=g) for g in gens], 1).to(z)
-        cand = mean + sigma * torch.cat([z[None], extra])  # (K, n, ...); candidate 0 the request's own noise
+        noises = torch.cat([z[None], extra])  # (K, n, ...); candidate 0 the request's own noise
+        cand = mean + sigma * noises
         k, n = self.k, len(x)
-        # candidate j of request i continues with noise of its own, seeded by (seed * 31 + j, t_prev)
-        seeds_of = [[int(s) * 31 + j for s in seeds] for j in range(k)]
-        log_h = torch.stack([self.log_h(model, cand[j], t_prev, c, y, cfg, seeds_of[j]) for j in range(k)])
-        w = log_h.softmax(0)
+        w = self.candidates_log_h(model, cand, t_prev, c, y, cfg, seeds).softmax(0)
         self.kl.append((w * (k * w).clamp(min=1e-30).log()).sum(0))
+        self.observe(x, t, t_prev, c, y, mean, sigma, noises, w)
         u = torch.stack([torch.rand((), generator=g) for g in gens]).to(w)
         pick = (w.cumsum(0) < u).sum(0).clamp(max=k - 1)
         return cand[pick, torch.arange(n, device=x.device)]
