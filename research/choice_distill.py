@@ -61,7 +61,7 @@ from ctrldiff.methods import balanced_requests
 from ctrldiff.oracles import to_uint8
 from ctrldiff.params import load_params
 from ctrldiff.sampling import SamplerConfig, guided_eps, request_noise, sample
-from ctrldiff.tasks import load_reward, num_joint_classes
+from ctrldiff.tasks import control_tasks, load_reward, num_joint_classes, oracle_classes
 
 sys.path.insert(0, str(Path(__file__).parent))
 from mc_value import ValueResampleStep  # noqa: E402
@@ -337,26 +337,32 @@ def judge(model: ControlledModel, reward, digit, meta, params, cfg, num_y, per_p
 
 
 def figures(images, c, y, kl, reward, digit, meta, gamma) -> dict:
+    """The oracle's figures and CTRL's terms, overall and per requested y (``*_per_y``)."""
     with torch.no_grad():
-        log_p = reward.log_prob(images, y).mean().item()
+        log_p_each = reward.log_prob(images, y)
+    log_p = log_p_each.mean().item()
     pixels = to_uint8(images)
     m = control_metrics(pixels, y.numpy(), meta)
     m = m.get("joint") or next(iter(m.values()))
     _, pred = features_and_predictions(digit, pixels)
-    per_y = [
-        float((pred[y.numpy() == k] == c.numpy()[y.numpy() == k]).mean()) for k in range(int(y.max()) + 1)
-    ]
+    ys = [y == k for k in range(int(y.max()) + 1)]
     total_kl = float(kl.mean())
-    return {
+    out = {
         "accuracy": m["accuracy"],
         "macro_f1": m["macro_f1"],
         "c_accuracy": float((pred == c.numpy()).mean()),
-        "c_accuracy_per_y": per_y,
+        "c_accuracy_per_y": [float((pred[r.numpy()] == c.numpy()[r.numpy()]).mean()) for r in ys],
         "log_p": log_p,
         "kl": total_kl,
         "objective": gamma * log_p - total_kl,
+        "log_p_per_y": [float(log_p_each[r].mean()) for r in ys],
+        "kl_per_y": [float(kl[r].mean()) for r in ys],
         "images": len(images),
     }
+    if control_tasks(meta) == ["compressibility"]:  # the single-task setting: y is the oracle's class
+        got = oracle_classes(pixels, meta["tasks"]["compressibility"])[1]
+        out["accuracy_per_y"] = [float((got[r.numpy()] == k).mean()) for k, r in enumerate(ys)]
+    return out
 
 
 def main() -> None:
@@ -463,7 +469,11 @@ def main() -> None:
     start = time.perf_counter()
     history = fit(model, data, args, cfg, params)
     fit_minutes = (time.perf_counter() - start) / 60
-    model.save(args.out / f"ctrl_{args.trainable}_{args.keep}_lp{args.lowpass}_lr{args.lr_scale:g}")
+    run = (
+        f"{args.trainable}_{args.keep}_lp{args.lowpass}_lr{args.lr_scale:g}"
+        f"_e{args.epochs}_s{len(args.seed_starts)}"
+    )
+    model.save(args.out / f"ctrl_{run}")
     result = judge(model, reward, digit, meta, params, cfg, num_y, args.judge_per_pair)
     result.update(
         {
@@ -473,9 +483,7 @@ def main() -> None:
             "args": vars(args) | {"out": str(args.out), "models": str(args.models), "data": str(args.data)},
         }
     )
-    (args.out / f"result_{args.trainable}_{args.keep}_lp{args.lowpass}_lr{args.lr_scale:g}.json").write_text(
-        json.dumps(result, indent=2) + "\n"
-    )
+    (args.out / f"result_{run}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(
         "distilled control on the evaluation requests:",
         {k: v for k, v in result.items() if k not in ("history", "args")},

@@ -5,7 +5,7 @@ import torch
 from ctrldiff.control import add_control
 from ctrldiff.ctrl import RolloutConfig, rollout
 from ctrldiff.ddim import timestep_pairs
-from ctrldiff.sampling import SamplerConfig, request_noise, sample
+from ctrldiff.sampling import SamplerConfig, guided_eps, request_noise, sample
 from research.control_window import windowed_sample
 from research.gradient_coherence import continuation_gradients, signal_fraction
 from research.kl_per_step import kl_per_step
@@ -129,3 +129,30 @@ def test_policy_gradient_reaches_the_tilt_of_the_gaussian_known_answer_case():
         opt.step()
         decay.step()
     assert_reaches_the_tilt(model)
+
+
+def test_band_limited_control_moves_the_mean_only_in_the_lowest_frequencies():
+    from research.choice_distill import lowpass
+    from research.lowpass_control import band_limited
+
+    base = micro_base()
+    model = add_control(base, [0, 1], lora_rank=2)
+    with torch.no_grad():
+        model.y_embedding.weight[:2].normal_()
+        for name, p in base.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    x, c, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2]), torch.tensor([1, 0, 1])
+    null = torch.full_like(y, model.y_null)
+    with torch.no_grad():
+        free = guided_eps(base, x, 500, c, 2.0, y, model.y_null)
+        with model.reference():
+            ref = guided_eps(base, x, 500, c, 2.0, null, model.y_null)
+        limited = band_limited(guided_eps, model, 2)(base, x, 500, c, 2.0, y, model.y_null)
+        whole = band_limited(guided_eps, model, 8)(base, x, 500, c, 2.0, y, model.y_null)
+    shift = limited - ref
+    assert shift.abs().max() > 1e-3  # the control still moves the mean ...
+    torch.testing.assert_close(lowpass(shift, 2), shift, atol=1e-6, rtol=0)  # ... in the 2 x 2 band alone
+    torch.testing.assert_close(shift, lowpass(free - ref, 2), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(whole, free)  # N = the image's size: the unrestricted control
+    torch.testing.assert_close(lowpass(free, 8), free, atol=1e-5, rtol=1e-5)  # the basis is orthonormal
