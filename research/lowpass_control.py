@@ -1,8 +1,9 @@
-"""Back-propagation with a control restricted to the image's lowest spatial frequencies.
+"""Back-propagation with a control of another design: restricted to the lowest frequencies, or with feedback.
 
 Run after `dvc repro base train_classifier@digit train_classifier@compressibility`:
     python research/lowpass_control.py --keep 4    # the control's shift in the 4 x 4 lowest DCT frequencies
     python research/lowpass_control.py --keep 28   # the whole image: plain back-propagation, for comparison
+    python research/lowpass_control.py --feedback  # the y-embedding also reads the reward at x0-hat
 
 Every gradient solver measured on the embedded benchmark (backprop, adjoint, policy gradient) loses the
 digit (c_accuracy ≈ 0.81) and spends 7–20 times the optimum's KL, and `research/choice_distill.py`
@@ -22,6 +23,15 @@ the noise prediction, so the projection acts on the guided ε's difference. Ever
 noise prediction it calls replaced by the band-limited one. Judged as `research/choice_distill.py`
 judges: the `sample` stage's 320 requests, oracle accuracy, macro-F1, c_accuracy, E log p̂, path KL and
 γ E log p̂ − KL. Costs 1.5 times finetune (the reference is evaluated once more per step).
+
+``--feedback`` changes the model another way. Per requested y, back-propagation reaches the extreme
+classes (whose reward is monotone in the digit's ink: an open-loop push works) and misses the middle
+ones, where the push must depend on the state: more ink for a draw that reads light, less for one that
+reads heavy. The y-embedding is one constant per y, so all of that has to come from the LoRA through
+noisy gradients. With ``--feedback`` the embedding also gets a learned (zero-initialised) linear map of
+the reward classifier's probabilities at the frozen base's guided x̂0 of the current step, so "add ink
+where it reads as the most compressible class" is linear in the control's input. The reward is the
+method's own (the user's classifier), not the oracle.
 """
 
 from __future__ import annotations
@@ -41,8 +51,9 @@ import ctrldiff.finetune
 import ctrldiff.sampling
 from ctrldiff.base import load_base
 from ctrldiff.classifier import Classifier
-from ctrldiff.control import ControlledModel, add_control, uncontrolled_from
+from ctrldiff.control import ControlledModel, YEmbedding, add_control, uncontrolled_from
 from ctrldiff.data import table_images
+from ctrldiff.ddim import alpha_bar
 from ctrldiff.evaluation import features_and_predictions
 from ctrldiff.finetune import finetune
 from ctrldiff.oracles import to_model_space
@@ -67,6 +78,49 @@ def band_limited(guided_eps, model: ControlledModel, keep: int):
         with model.reference():
             ref = guided_eps(base, x, t, c, scale, torch.full_like(y, model.y_null), y_null)
         return ref + lowpass(out - ref, keep)
+
+    return eps
+
+
+class FeedbackEmbedding(YEmbedding):
+    """The y-embedding plus a learned linear map of ``context``: per row, the reward classifier's
+    probabilities at the frozen base's x̂0 of the current step (zero for the NULL-y branch).
+    Zero-initialised, so the control starts at the base."""
+
+    def __init__(self, num_classes: int, dim: int, num_features: int):
+        super().__init__(num_classes, dim)
+        self.feedback = torch.nn.Linear(num_features, dim)
+        torch.nn.init.zeros_(self.feedback.weight)
+        torch.nn.init.zeros_(self.feedback.bias)
+        self.context: torch.Tensor | None = None
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        out = super().forward(labels)
+        if self.context is None:
+            return out
+        ctx = self.context
+        if len(ctx) < len(out):  # classifier-free guidance: the rows after the first B are the NULL branch
+            ctx = torch.cat([ctx, torch.zeros(len(out) - len(ctx), ctx.shape[1]).to(ctx)])
+        return out + self.feedback(ctx) * (labels != self.null_index)[:, None]
+
+
+def with_feedback(guided_eps, model: ControlledModel, reward):
+    """``guided_eps`` whose controlled calls first read the state: the frozen base's guided x̂0 at this
+    step, classified by the reward (detached), is the FeedbackEmbedding's context for the call."""
+    emb = model.y_embedding
+
+    def eps(base, x, t, c, scale, y=None, y_null=None):
+        if y is None or y.is_floating_point() or bool((y == model.y_null).all()):
+            return guided_eps(base, x, t, c, scale, y, y_null)
+        with torch.no_grad(), model.reference():
+            ref = guided_eps(base, x, t, c, scale, torch.full_like(y, model.y_null), y_null)
+            a_t = alpha_bar(base.scheduler, t).to(x)
+            x0 = base.decode((x - (1 - a_t).sqrt() * ref) / a_t.sqrt()).clamp(-1, 1)
+            emb.context = reward(x0).softmax(-1)
+        try:
+            return guided_eps(base, x, t, c, scale, y, y_null)
+        finally:
+            emb.context = None
 
     return eps
 
@@ -106,6 +160,9 @@ def main() -> None:
     parser.add_argument(
         "--only-y", type=int, default=-1, help=">= 0: train on requests of this y alone (the judge asks all)"
     )
+    parser.add_argument(
+        "--feedback", action="store_true", help="the y-embedding also reads the reward at the base's x0-hat"
+    )
     parser.add_argument("--gamma", type=float, default=0.0, help="> 0: instead of params' gamma")
     parser.add_argument("--judge-per-pair", type=int, default=0, help="> 0: judge on fewer requests (smoke)")
     args = parser.parse_args()
@@ -132,9 +189,14 @@ def main() -> None:
         uncontrolled_from(base.scheduler, ro.steps, ro.eta, ft.base_last_steps),
     )
     original = ctrldiff.sampling.guided_eps
-    limited = band_limited(original, model, args.keep)
+    if args.feedback:
+        emb = model.y_embedding
+        base.unet.class_embedding = FeedbackEmbedding(emb.num_classes, emb.weight.shape[1], num_y)
+        changed = with_feedback(original, model, reward)
+    else:
+        changed = band_limited(original, model, args.keep)
     for module in (ctrldiff.ctrl, ctrldiff.sampling, choice_distill):  # training, probes, judging
-        module.guided_eps = limited
+        module.guided_eps = changed
 
     if args.only_y >= 0:
         draw = ctrldiff.finetune.draw_batch
@@ -144,8 +206,10 @@ def main() -> None:
             return c, torch.full_like(y, args.only_y), seeds
 
         ctrldiff.finetune.draw_batch = one_y
-    run = f"keep{args.keep}_g{gamma:g}_u{ft.updates}_steps{ro.steps}" + (
-        f"_y{args.only_y}" if args.only_y >= 0 else ""
+    run = (
+        f"keep{args.keep}_g{gamma:g}_u{ft.updates}_steps{ro.steps}"
+        + (f"_y{args.only_y}" if args.only_y >= 0 else "")
+        + ("_feedback" if args.feedback else "")
     )
     start = time.perf_counter()
     result = finetune(model, reward, gamma, ft, meta, params.seed, args.out / f"checkpoint_{run}")

@@ -156,3 +156,31 @@ def test_band_limited_control_moves_the_mean_only_in_the_lowest_frequencies():
     torch.testing.assert_close(shift, lowpass(free - ref, 2), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(whole, free)  # N = the image's size: the unrestricted control
     torch.testing.assert_close(lowpass(free, 8), free, atol=1e-5, rtol=1e-5)  # the basis is orthonormal
+
+
+def test_feedback_control_starts_at_the_plain_control_and_leaves_the_null_branch_alone():
+    from research.lowpass_control import FeedbackEmbedding, with_feedback
+
+    base = micro_base()
+    model = add_control(base, [0, 1], lora_rank=2)
+    emb = model.y_embedding
+    base.unet.class_embedding = FeedbackEmbedding(emb.num_classes, emb.weight.shape[1], 4)
+    with torch.no_grad():
+        model.y_embedding.weight[:2].normal_()
+    reward = micro_reward(num_classes=4, in_channels=1)
+    x, c, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2]), torch.tensor([1, 0, 1])
+    null = torch.full_like(y, model.y_null)
+    step = with_feedback(guided_eps, model, reward)
+    with torch.no_grad():
+        plain = guided_eps(base, x, 500, c, 2.0, y, model.y_null)
+        torch.testing.assert_close(step(base, x, 500, c, 2.0, y, model.y_null), plain)  # zero-initialised
+        model.y_embedding.feedback.weight.normal_()
+        read = step(base, x, 500, c, 2.0, y, model.y_null)
+        assert (read - plain).abs().max() > 1e-4  # the control now depends on the reward's reading
+        assert model.y_embedding.context is None  # the reading is of one call only
+        unconditional = guided_eps(base, x, 500, c, 2.0, null, model.y_null)
+        torch.testing.assert_close(step(base, x, 500, c, 2.0, null, model.y_null), unconditional)
+        model.y_embedding.context = torch.ones(3, 4)  # the guided call's NULL half gets no reading
+        rows = model.y_embedding(torch.cat([y, null]))
+        model.y_embedding.context = None
+        assert rows[:3].abs().max() > 0 and (rows[3:] == 0).all()
