@@ -43,6 +43,7 @@ the controlled model's guided mean (both branches through the LoRA, y against NU
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -151,6 +152,7 @@ def merge(parts: list[dict]) -> dict:
     return merged
 
 
+@functools.cache
 def dct_basis(n: int) -> torch.Tensor:
     """The orthonormal n-point DCT-II matrix D: the 2-D transform of an n × n image X is D @ X @ D.T."""
     k = torch.arange(n, dtype=torch.float64)
@@ -195,6 +197,27 @@ def spectrum(data: dict, edges: tuple[int, ...] = (0, 2, 4, 8, 14)) -> None:
         label = f"t = {t}" if t is not None else "all steps"
         cells = " | ".join(f"{float(r.mean()):.3f}" for r in per_row)
         print(f"  {label:>10}: {cells}  (± {float(se):.3f}; {int(rows.sum())} rows)")
+
+
+def load_inputs(models: Path, data: Path) -> tuple:
+    """(params, label meta, reward, digit classifier, number of y classes) for a research run."""
+    params = load_params("params.yaml")
+    meta = json.loads((data / "meta.json").read_text())
+    return (
+        params,
+        meta,
+        load_reward(meta, models),
+        Classifier.load(models / "classifier" / "digit"),
+        num_joint_classes(meta),
+    )
+
+
+def new_control(models: Path, num_y: int, ft) -> ControlledModel:
+    """A fresh base with finetune's LoRA + y-embedding attached (``ft``: the finetune params)."""
+    base = load_base(models / "base")
+    ro = ft.rollout
+    off = uncontrolled_from(base.scheduler, ro.steps, ro.eta, ft.base_last_steps)
+    return add_control(base, list(range(num_y)), ft.lora_rank, ft.lora_targets, off)
 
 
 def step_mean(model: ControlledModel, x, t: int, t_prev: int, c, y, cfg: SamplerConfig, reference: bool):
@@ -401,13 +424,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=0, help="> 0: record only this many requests (smoke)")
     parser.add_argument("--judge-per-pair", type=int, default=0, help="> 0: judge on fewer requests (smoke)")
     args = parser.parse_args()
-    params = load_params("params.yaml")
-    meta = json.loads((args.data / "meta.json").read_text())
-    reward = load_reward(meta, args.models)
-    digit = Classifier.load(args.models / "classifier" / "digit")
+    params, meta, reward, digit, num_y = load_inputs(args.models, args.data)
     ro = params.finetune.rollout
     cfg = SamplerConfig(ro.steps, ro.eta, ro.guidance_scale)
-    num_y = num_joint_classes(meta)
     args.out.mkdir(parents=True, exist_ok=True)
     base = load_base(args.models / "base")
     for p in [*base.unet.parameters(), *reward.net.parameters()]:
@@ -457,15 +476,7 @@ def main() -> None:
             f"per-dimension mean square {data['target'].pow(2).mean():.4f}"
         )
 
-    base = load_base(args.models / "base")  # a fresh copy for the control
-    ft = params.finetune
-    model = add_control(
-        base,
-        list(range(num_y)),
-        ft.lora_rank,
-        ft.lora_targets,
-        uncontrolled_from(base.scheduler, ro.steps, ro.eta, ft.base_last_steps),
-    )
+    model = new_control(args.models, num_y, params.finetune)  # a fresh copy of the base
     start = time.perf_counter()
     history = fit(model, data, args, cfg, params)
     fit_minutes = (time.perf_counter() - start) / 60

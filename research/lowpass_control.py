@@ -49,22 +49,19 @@ import torch
 import ctrldiff.ctrl
 import ctrldiff.finetune
 import ctrldiff.sampling
-from ctrldiff.base import load_base
-from ctrldiff.classifier import Classifier
-from ctrldiff.control import ControlledModel, YEmbedding, add_control, uncontrolled_from
+from ctrldiff.control import ControlledModel, YEmbedding
 from ctrldiff.data import table_images
 from ctrldiff.ddim import alpha_bar
 from ctrldiff.evaluation import features_and_predictions
 from ctrldiff.finetune import finetune
 from ctrldiff.oracles import to_model_space
-from ctrldiff.params import load_params
 from ctrldiff.sampling import SamplerConfig
-from ctrldiff.tasks import load_reward, num_joint_classes, oracle_classes
+from ctrldiff.tasks import num_joint_classes, oracle_classes
 from ctrldiff.tilt import pair_terms, reward_log_probs, tilted_weights
 
 sys.path.insert(0, str(Path(__file__).parent))
 import choice_distill  # noqa: E402
-from choice_distill import judge, lowpass  # noqa: E402
+from choice_distill import judge, load_inputs, lowpass, new_control  # noqa: E402
 
 
 def band_limited(guided_eps, model: ControlledModel, keep: int):
@@ -167,10 +164,7 @@ def main() -> None:
     parser.add_argument("--judge-per-pair", type=int, default=0, help="> 0: judge on fewer requests (smoke)")
     args = parser.parse_args()
 
-    params = load_params("params.yaml")
-    meta = json.loads((args.data / "meta.json").read_text())
-    reward = load_reward(meta, args.models)
-    digit = Classifier.load(args.models / "classifier" / "digit")
+    params, meta, reward, digit, num_y = load_inputs(args.models, args.data)
     gamma = args.gamma or params.gamma
     ft = params.finetune
     if args.updates:
@@ -179,15 +173,8 @@ def main() -> None:
         ft = ft.model_copy(update={"rollout": ft.rollout.model_copy(update={"steps": args.steps})})
     ro = ft.rollout
     cfg = SamplerConfig(ro.steps, ro.eta, ro.guidance_scale)
-    num_y = num_joint_classes(meta)
-    base = load_base(args.models / "base")
-    model = add_control(
-        base,
-        list(range(num_y)),
-        ft.lora_rank,
-        ft.lora_targets,
-        uncontrolled_from(base.scheduler, ro.steps, ro.eta, ft.base_last_steps),
-    )
+    model = new_control(args.models, num_y, ft)
+    base = model.base
     original = ctrldiff.sampling.guided_eps
     if args.feedback:
         emb = model.y_embedding
