@@ -43,7 +43,6 @@ the controlled model's guided mean (both branches through the LoRA, y against NU
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import sys
@@ -65,7 +64,7 @@ from ctrldiff.sampling import SamplerConfig, guided_eps, request_noise, sample
 from ctrldiff.tasks import control_tasks, load_reward, num_joint_classes, oracle_classes
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mc_value import ValueResampleStep  # noqa: E402
+from mc_value import ValueResampleStep, dct_basis, lowpass  # noqa: E402
 
 
 class RecordingResampleStep(ValueResampleStep):
@@ -150,23 +149,6 @@ def merge(parts: list[dict]) -> dict:
     merged["sampler_kl"] = sum(float(d["sampler_kl"]) * m for d, m in zip(parts, n, strict=True)) / sum(n)
     merged["seconds"] = sum(float(d["seconds"]) for d in parts)
     return merged
-
-
-@functools.cache
-def dct_basis(n: int) -> torch.Tensor:
-    """The orthonormal n-point DCT-II matrix D: the 2-D transform of an n × n image X is D @ X @ D.T."""
-    k = torch.arange(n, dtype=torch.float64)
-    d = torch.cos((2 * k[None] + 1) * k[:, None] * math.pi / (2 * n)) * math.sqrt(2 / n)
-    d[0] /= math.sqrt(2)
-    return d.float()
-
-
-def lowpass(x: torch.Tensor, keep: int) -> torch.Tensor:
-    """x's projection onto its keep × keep lowest 2-D DCT frequencies, per channel."""
-    d = dct_basis(x.shape[-1]).to(x)
-    mask = torch.zeros(x.shape[-2:], dtype=x.dtype)
-    mask[:keep, :keep] = 1
-    return d.T @ ((d @ x @ d.T) * mask) @ d
 
 
 def spectrum(data: dict, edges: tuple[int, ...] = (0, 2, 4, 8, 14)) -> None:

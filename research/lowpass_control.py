@@ -162,6 +162,9 @@ def main() -> None:
     )
     parser.add_argument("--gamma", type=float, default=0.0, help="> 0: instead of params' gamma")
     parser.add_argument("--judge-per-pair", type=int, default=0, help="> 0: judge on fewer requests (smoke)")
+    parser.add_argument(
+        "--seed", type=int, default=-1, help=">= 0: the training seed (rollouts, LoRA init), not params'"
+    )
     args = parser.parse_args()
 
     params, meta, reward, digit, num_y = load_inputs(args.models, args.data)
@@ -173,6 +176,8 @@ def main() -> None:
         ft = ft.model_copy(update={"rollout": ft.rollout.model_copy(update={"steps": args.steps})})
     ro = ft.rollout
     cfg = SamplerConfig(ro.steps, ro.eta, ro.guidance_scale)
+    seed = params.seed if args.seed < 0 else args.seed
+    torch.manual_seed(seed)  # the LoRA's random init; the rollouts' noise comes from finetune's seed
     model = new_control(args.models, num_y, ft)
     base = model.base
     original = ctrldiff.sampling.guided_eps
@@ -197,9 +202,10 @@ def main() -> None:
         f"keep{args.keep}_g{gamma:g}_u{ft.updates}_steps{ro.steps}"
         + (f"_y{args.only_y}" if args.only_y >= 0 else "")
         + ("_feedback" if args.feedback else "")
+        + (f"_seed{seed}" if args.seed >= 0 else "")
     )
     start = time.perf_counter()
-    result = finetune(model, reward, gamma, ft, meta, params.seed, args.out / f"checkpoint_{run}")
+    result = finetune(model, reward, gamma, ft, meta, seed, args.out / f"checkpoint_{run}")
     minutes = (time.perf_counter() - start) / 60
     history = result["history"]
     for i in range(0, len(history), 10):
@@ -214,10 +220,8 @@ def main() -> None:
     figures = judge(model, reward, digit, meta, params, cfg, num_y, args.judge_per_pair)
     figures["finetune_minutes"] = minutes
     (args.out / f"result_{run}.json").write_text(json.dumps(figures, indent=2) + "\n")
-    print(
-        f"band-limited control, N = {args.keep}, γ = {gamma:g}, {ro.steps} steps, "
-        f"{ft.updates} updates in {minutes:.1f} min:"
-    )
+    design = "feedback control" if args.feedback else f"band-limited control, N = {args.keep}"
+    print(f"{design}, γ = {gamma:g}, {ro.steps} steps, seed {seed}, {ft.updates} updates, {minutes:.1f} min:")
     print(json.dumps(figures, indent=2))
     if (args.data.parent / "base_rollouts").is_dir():
         with torch.no_grad():

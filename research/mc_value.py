@@ -3,6 +3,7 @@
 Run after `dvc repro base train_classifier@digit train_classifier@compressibility`:
     python research/mc_value.py --continuations 2 --candidates 16 [--per-pair 1] [--min-t 100]
     python research/mc_value.py --continuations 8                  (the gradient form, --candidates 0)
+    python research/mc_value.py --continuations 1 --candidates 16 --shift 4   (a Gaussian mean shift)
 
 The optimum of CTRL's objective is the base's path measure tilted by p̂(y | x0)^γ. Its kernel at step
 t -> t_prev is the base's N(μ, σ²) times the value h(x') = E_base[p̂(y | x0)^γ | x_t_prev = x']. This
@@ -25,7 +26,9 @@ requests from seeds 5,000,000+ (disjoint from the evaluation's, the tuning's and
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import time
 from pathlib import Path
 
@@ -40,7 +43,24 @@ from ctrldiff.methods import balanced_requests
 from ctrldiff.oracles import to_uint8
 from ctrldiff.params import load_params
 from ctrldiff.sampling import SamplerConfig, ddim_cfg_step, guided_eps, sample
-from ctrldiff.tasks import load_reward, num_joint_classes
+from ctrldiff.tasks import load_reward, num_joint_classes, oracle_classes
+
+
+@functools.cache
+def dct_basis(n: int) -> torch.Tensor:
+    """The orthonormal n-point DCT-II matrix D: the 2-D transform of an n × n image X is D @ X @ D.T."""
+    k = torch.arange(n, dtype=torch.float64)
+    d = torch.cos((2 * k[None] + 1) * k[:, None] * math.pi / (2 * n)) * math.sqrt(2 / n)
+    d[0] /= math.sqrt(2)
+    return d.float()
+
+
+def lowpass(x: torch.Tensor, keep: int) -> torch.Tensor:
+    """x's projection onto its keep × keep lowest 2-D DCT frequencies, per channel."""
+    d = dct_basis(x.shape[-1]).to(x)
+    mask = torch.zeros(x.shape[-2:], dtype=x.dtype)
+    mask[:keep, :keep] = 1
+    return d.T @ ((d @ x @ d.T) * mask) @ d
 
 
 class ValueGradientStep:
@@ -144,6 +164,38 @@ class ValueResampleStep(ValueGradientStep):
         return cand[pick, torch.arange(n, device=x.device)]
 
 
+class ValueShiftStep(ValueResampleStep):
+    """A sampling step in CTRL's own policy class: the base's kernel with its mean shifted, same σ.
+
+    The shift is the mean of the resampler's tilted kernel, Σ_j w_j σ z_j over K candidates drawn
+    from the base's kernel (weights ∝ ĥ, as ValueResampleStep), projected onto the ``keep`` × ``keep``
+    lowest DCT frequencies (keep = the image's size: no projection), then the step adds fresh noise
+    σ z. So it asks whether a Gaussian mean shift, the only move a LoRA + y-embedding control makes,
+    reaches what the choice among candidates reaches. The estimated shift carries the weights' noise,
+    about 1 / ESS per coefficient kept, hence the projection. ``kl`` collects ‖shift‖² / 2σ² per step:
+    the path KL of a Gaussian step with that mean, an upper bound on the mixture's over the candidates.
+    """
+
+    def __init__(self, reward, gamma: float, continuations: int, candidates: int, min_t: int, keep: int):
+        super().__init__(reward, gamma, continuations, candidates, min_t)
+        self.keep = keep
+
+    @torch.no_grad()
+    def __call__(self, model, x, t, t_prev, z, c, cfg, y, y_null=None, seeds=None):
+        eps = guided_eps(model, x, t, c, cfg.guidance_scale)
+        mean, sigma, _ = ddim_step(model.scheduler, x, eps, t, t_prev, cfg.eta)
+        if float(sigma) == 0.0 or t <= self.min_t:
+            return mean + sigma * z
+        # candidates from noise of their own (not the request's z, which is the step's fresh noise)
+        gens = [torch.Generator().manual_seed(int(s) * 1_000_003 + t) for s in seeds]
+        noises = torch.stack([torch.randn((self.k, *z.shape[1:]), generator=g) for g in gens], 1).to(z)
+        w = self.candidates_log_h(model, mean + sigma * noises, t_prev, c, y, cfg, seeds).softmax(0)
+        u = (w.view(*w.shape, *[1] * (z.dim() - 1)) * noises).sum(0)
+        shift = sigma * lowpass(u, self.keep)
+        self.kl.append(shift.pow(2).flatten(1).sum(1) / (2 * sigma**2))
+        return mean + shift + sigma * z
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -159,6 +211,12 @@ def main() -> None:
     parser.add_argument(
         "--candidates", type=int, default=0, help="> 0: resample K base candidates by ĥ instead"
     )
+    parser.add_argument(
+        "--shift",
+        type=int,
+        default=0,
+        help="> 0 (with --candidates K): shift the mean by the candidates' tilted mean, low-passed to N x N",
+    )
     args = parser.parse_args()
     params = load_params("params.yaml")
     meta = json.loads((args.data / "meta.json").read_text())
@@ -172,12 +230,16 @@ def main() -> None:
     num_y = num_joint_classes(meta)
     req = balanced_requests(len(base.classes), num_y, args.per_pair, 5_000_000)
     c, y, seeds = torch.tensor(req.c.to_numpy()), torch.tensor(req.y.to_numpy()), req.seed.tolist()
-    if args.candidates > 0:
+    if args.candidates > 0 and args.shift > 0:
+        step = ValueShiftStep(
+            reward, params.gamma, args.continuations, args.candidates, args.min_t, args.shift
+        )
+    elif args.candidates > 0:
         step = ValueResampleStep(reward, params.gamma, args.continuations, args.candidates, args.min_t)
     else:
         step = ValueGradientStep(reward, params.gamma, args.continuations, args.min_t)
     start, images, kls = time.perf_counter(), [], []
-    desc = f"MC value, M = {args.continuations}, K = {args.candidates}"
+    desc = f"MC value, M = {args.continuations}, K = {args.candidates}, shift {args.shift or 'none'}"
     for i in tqdm(range(0, len(req), args.batch), desc=desc):
         sl = slice(i, i + args.batch)
         step.kl = []
@@ -200,6 +262,9 @@ def main() -> None:
     )
     per_y = [(pred[y.numpy() == k] == c.numpy()[y.numpy() == k]).mean() for k in range(int(y.max()) + 1)]
     print("c_accuracy per requested y:", [round(float(v), 3) for v in per_y])
+    got = oracle_classes(pixels, meta["tasks"]["compressibility"])[1]
+    ys = y.numpy()
+    print("accuracy per requested y:", [round(float((got[ys == k] == k).mean()), 3) for k in range(num_y)])
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from ctrldiff.sampling import SamplerConfig, guided_eps, request_noise, sample
 from research.control_window import windowed_sample
 from research.gradient_coherence import continuation_gradients, signal_fraction
 from research.kl_per_step import kl_per_step
-from research.mc_value import ValueGradientStep, ValueResampleStep
+from research.mc_value import ValueGradientStep, ValueResampleStep, ValueShiftStep, lowpass
 from research.policy_gradient import policy_gradient_loss
 from tests.conftest import micro_base, micro_reward
 from tests.test_solvers import STEPS, GaussianReward, ToyControl, assert_reaches_the_tilt, draw
@@ -111,6 +111,32 @@ def test_mc_value_resampling_with_one_candidate_is_the_base_sampler_and_costs_no
     sample(base, c, seeds, cfg, y, 2, step)
     kl = torch.stack(step.kl)
     assert (kl > 0).any() and (kl <= torch.log(torch.tensor(4.0)) + 1e-5).all()  # at most log K per step
+
+
+def test_mc_value_shift_is_the_candidates_weighted_noise_low_passed_and_its_kl():
+    from ctrldiff.ddim import ddim_step
+
+    base, reward = micro_base(), micro_reward(num_classes=2)
+    cfg = SamplerConfig(steps=4)
+    c, y, seeds = torch.tensor([0, 1, 2]), torch.tensor([1, 0, 1]), [5, 6, 7]
+    (t, t_prev), k = timestep_pairs(base.scheduler, cfg.steps)[1], 6
+    x = torch.randn(3, *base.sample_shape, generator=torch.Generator().manual_seed(1))
+    z = torch.randn(3, *base.sample_shape, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        mean, sigma, _ = ddim_step(
+            base.scheduler, x, guided_eps(base, x, t, c, cfg.guidance_scale), t, t_prev, 1.0
+        )
+    gens = [torch.Generator().manual_seed(s * 1_000_003 + t) for s in seeds]
+    noises = torch.stack([torch.randn((k, *z.shape[1:]), generator=g) for g in gens], 1)  # the step's own
+    for gamma, keep in ((0.0, 2), (0.0, 8), (5.0, 2)):
+        step = ValueShiftStep(reward, gamma, continuations=2, candidates=k, min_t=-1, keep=keep)
+        shift = step(base, x, t, t_prev, z, c, cfg, y, seeds=seeds) - (mean + sigma * z)
+        torch.testing.assert_close(lowpass(shift, keep), shift, atol=1e-5, rtol=0)  # in the kept band only
+        torch.testing.assert_close(step.kl[0], shift.pow(2).flatten(1).sum(1) / (2 * sigma**2))
+        if gamma == 0:  # uniform weights: the plain mean of the candidates' noises
+            torch.testing.assert_close(shift, sigma * lowpass(noises.mean(0), keep), atol=1e-5, rtol=1e-4)
+        else:
+            assert (shift - sigma * lowpass(noises.mean(0), keep)).abs().max() > 1e-4  # ĥ moves the weights
 
 
 def test_policy_gradient_reaches_the_tilt_of_the_gaussian_known_answer_case():
