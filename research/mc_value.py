@@ -3,7 +3,7 @@
 Run after `dvc repro base train_classifier@digit train_classifier@compressibility`:
     python research/mc_value.py --continuations 2 --candidates 16 [--per-pair 1] [--min-t 100]
     python research/mc_value.py --continuations 8                  (the gradient form, --candidates 0)
-    python research/mc_value.py --continuations 1 --candidates 16 --shift 4   (a Gaussian mean shift)
+    python research/mc_value.py --continuations 1 --candidates 16 --shift 4 [--pick]  (a Gaussian mean shift)
 
 The optimum of CTRL's objective is the base's path measure tilted by p̂(y | x0)^γ. Its kernel at step
 t -> t_prev is the base's N(μ, σ²) times the value h(x') = E_base[p̂(y | x0)^γ | x_t_prev = x']. This
@@ -174,11 +174,17 @@ class ValueShiftStep(ValueResampleStep):
     reaches what the choice among candidates reaches. The estimated shift carries the weights' noise,
     about 1 / ESS per coefficient kept, hence the projection. ``kl`` collects ‖shift‖² / 2σ² per step:
     the path KL of a Gaussian step with that mean, an upper bound on the mixture's over the candidates.
+
+    ``pick=True`` is the control for that question: one candidate drawn by its weight (a choice, not a
+    mean), kept in the same band, the fresh noise σ z above it; keep = the image's size is the
+    resampler. ``kl`` then collects the selection's KL, Σ_j w_j log(K w_j), as ValueResampleStep's.
     """
 
-    def __init__(self, reward, gamma: float, continuations: int, candidates: int, min_t: int, keep: int):
+    def __init__(
+        self, reward, gamma: float, continuations: int, candidates: int, min_t: int, keep: int, pick=False
+    ):
         super().__init__(reward, gamma, continuations, candidates, min_t)
-        self.keep = keep
+        self.keep, self.pick = keep, pick
 
     @torch.no_grad()
     def __call__(self, model, x, t, t_prev, z, c, cfg, y, y_null=None, seeds=None):
@@ -190,6 +196,12 @@ class ValueShiftStep(ValueResampleStep):
         gens = [torch.Generator().manual_seed(int(s) * 1_000_003 + t) for s in seeds]
         noises = torch.stack([torch.randn((self.k, *z.shape[1:]), generator=g) for g in gens], 1).to(z)
         w = self.candidates_log_h(model, mean + sigma * noises, t_prev, c, y, cfg, seeds).softmax(0)
+        if self.pick:
+            gens = [torch.Generator().manual_seed(int(s) * 1_000_033 + t) for s in seeds]
+            u = torch.stack([torch.rand((), generator=g) for g in gens]).to(w)
+            chosen = noises[(w.cumsum(0) < u).sum(0).clamp(max=self.k - 1), torch.arange(len(x))]
+            self.kl.append((w * (self.k * w).clamp(min=1e-30).log()).sum(0))
+            return mean + sigma * (lowpass(chosen, self.keep) + z - lowpass(z, self.keep))
         u = (w.view(*w.shape, *[1] * (z.dim() - 1)) * noises).sum(0)
         shift = sigma * lowpass(u, self.keep)
         self.kl.append(shift.pow(2).flatten(1).sum(1) / (2 * sigma**2))
@@ -217,6 +229,9 @@ def main() -> None:
         default=0,
         help="> 0 (with --candidates K): shift the mean by the candidates' tilted mean, low-passed to N x N",
     )
+    parser.add_argument(
+        "--pick", action="store_true", help="with --shift N: a weighted choice of one candidate, in that band"
+    )
     args = parser.parse_args()
     params = load_params("params.yaml")
     meta = json.loads((args.data / "meta.json").read_text())
@@ -232,14 +247,15 @@ def main() -> None:
     c, y, seeds = torch.tensor(req.c.to_numpy()), torch.tensor(req.y.to_numpy()), req.seed.tolist()
     if args.candidates > 0 and args.shift > 0:
         step = ValueShiftStep(
-            reward, params.gamma, args.continuations, args.candidates, args.min_t, args.shift
+            reward, params.gamma, args.continuations, args.candidates, args.min_t, args.shift, args.pick
         )
     elif args.candidates > 0:
         step = ValueResampleStep(reward, params.gamma, args.continuations, args.candidates, args.min_t)
     else:
         step = ValueGradientStep(reward, params.gamma, args.continuations, args.min_t)
     start, images, kls = time.perf_counter(), [], []
-    desc = f"MC value, M = {args.continuations}, K = {args.candidates}, shift {args.shift or 'none'}"
+    shift = f"{args.shift}{' pick' if args.pick else ''}" if args.shift else "none"
+    desc = f"MC value, M = {args.continuations}, K = {args.candidates}, shift {shift}"
     for i in tqdm(range(0, len(req), args.batch), desc=desc):
         sl = slice(i, i + args.batch)
         step.kl = []

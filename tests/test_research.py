@@ -137,6 +137,14 @@ def test_mc_value_shift_is_the_candidates_weighted_noise_low_passed_and_its_kl()
             torch.testing.assert_close(shift, sigma * lowpass(noises.mean(0), keep), atol=1e-5, rtol=1e-4)
         else:
             assert (shift - sigma * lowpass(noises.mean(0), keep)).abs().max() > 1e-4  # ĥ moves the weights
+    for keep in (2, 8):  # --pick: one candidate's noise in the band, the step's own above it
+        step = ValueShiftStep(reward, 5.0, continuations=2, candidates=k, min_t=-1, keep=keep, pick=True)
+        u = (step(base, x, t, t_prev, z, c, cfg, y, seeds=seeds) - mean) / sigma
+        low = lowpass(u, keep)
+        torch.testing.assert_close(u - low, z - lowpass(z, keep), atol=1e-4, rtol=0)
+        gaps = (lowpass(noises, keep) - low).flatten(2).abs().amax(2)  # (K, n): 0 for the chosen one
+        assert (gaps.amin(0) < 1e-4).all()
+        assert (step.kl[0] >= -1e-6).all() and (step.kl[0] <= torch.log(torch.tensor(float(k))) + 1e-5).all()
 
 
 def test_policy_gradient_reaches_the_tilt_of_the_gaussian_known_answer_case():
