@@ -100,11 +100,16 @@ class ValueGradientStep:
         w = lp.softmax(0).view(m, n, *[1] * (x.dim() - 1))
         return (w * g).sum(0)
 
+    @torch.no_grad()
+    def base_kernel(self, model: BaseModel, x, t: int, t_prev: int, c, cfg: SamplerConfig) -> tuple:
+        """(mean, σ, whether this step keeps the base's kernel) of the base's guided step."""
+        eps = guided_eps(model, x, t, c, cfg.guidance_scale)
+        mean, sigma, _ = ddim_step(model.scheduler, x, eps, t, t_prev, cfg.eta)
+        return mean, sigma, float(sigma) == 0.0 or t <= self.min_t
+
     def __call__(self, model, x, t, t_prev, z, c, cfg, y, y_null=None, seeds=None):
-        with torch.no_grad():
-            eps = guided_eps(model, x, t, c, cfg.guidance_scale)
-            mean, sigma, _ = ddim_step(model.scheduler, x, eps, t, t_prev, cfg.eta)
-        if float(sigma) == 0.0 or t <= self.min_t:
+        mean, sigma, off = self.base_kernel(model, x, t, t_prev, c, cfg)
+        if off:
             return mean + sigma * z
         with torch.enable_grad():
             shift = sigma**2 * self.grad_log_h(model, mean, t_prev, c, y, cfg, seeds)
@@ -145,23 +150,25 @@ class ValueResampleStep(ValueGradientStep):
     def observe(self, x, t, t_prev, c, y, mean, sigma, noises, w) -> None:
         """Called at each controlled step with the candidates' noises (K, n, ...) and weights (K, n)."""
 
+    def choose(self, w: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+        """The candidate each request keeps, drawn ∝ its weights w (K, n) with its generator; collects
+        the selection's KL to the uniform choice in ``kl``."""
+        self.kl.append((w * (self.k * w).clamp(min=1e-30).log()).sum(0))
+        u = torch.stack([torch.rand((), generator=g) for g in gens]).to(w)
+        return (w.cumsum(0) < u).sum(0).clamp(max=self.k - 1)
+
     @torch.no_grad()
     def __call__(self, model, x, t, t_prev, z, c, cfg, y, y_null=None, seeds=None):
-        eps = guided_eps(model, x, t, c, cfg.guidance_scale)
-        mean, sigma, _ = ddim_step(model.scheduler, x, eps, t, t_prev, cfg.eta)
-        if float(sigma) == 0.0 or t <= self.min_t:
+        mean, sigma, off = self.base_kernel(model, x, t, t_prev, c, cfg)
+        if off:
             return mean + sigma * z
         gens = [torch.Generator().manual_seed(int(s) * 1_000_003 + t) for s in seeds]
         extra = torch.stack([torch.randn((self.k - 1, *z.shape[1:]), generator=g) for g in gens], 1).to(z)
         noises = torch.cat([z[None], extra])  # (K, n, ...); candidate 0 the request's own noise
         cand = mean + sigma * noises
-        k, n = self.k, len(x)
         w = self.candidates_log_h(model, cand, t_prev, c, y, cfg, seeds).softmax(0)
-        self.kl.append((w * (k * w).clamp(min=1e-30).log()).sum(0))
         self.observe(x, t, t_prev, c, y, mean, sigma, noises, w)
-        u = torch.stack([torch.rand((), generator=g) for g in gens]).to(w)
-        pick = (w.cumsum(0) < u).sum(0).clamp(max=k - 1)
-        return cand[pick, torch.arange(n, device=x.device)]
+        return cand[self.choose(w, gens), torch.arange(len(x), device=x.device)]
 
 
 class ValueShiftStep(ValueResampleStep):
@@ -188,9 +195,8 @@ class ValueShiftStep(ValueResampleStep):
 
     @torch.no_grad()
     def __call__(self, model, x, t, t_prev, z, c, cfg, y, y_null=None, seeds=None):
-        eps = guided_eps(model, x, t, c, cfg.guidance_scale)
-        mean, sigma, _ = ddim_step(model.scheduler, x, eps, t, t_prev, cfg.eta)
-        if float(sigma) == 0.0 or t <= self.min_t:
+        mean, sigma, off = self.base_kernel(model, x, t, t_prev, c, cfg)
+        if off:
             return mean + sigma * z
         # candidates from noise of their own (not the request's z, which is the step's fresh noise)
         gens = [torch.Generator().manual_seed(int(s) * 1_000_003 + t) for s in seeds]
@@ -198,9 +204,7 @@ class ValueShiftStep(ValueResampleStep):
         w = self.candidates_log_h(model, mean + sigma * noises, t_prev, c, y, cfg, seeds).softmax(0)
         if self.pick:
             gens = [torch.Generator().manual_seed(int(s) * 1_000_033 + t) for s in seeds]
-            u = torch.stack([torch.rand((), generator=g) for g in gens]).to(w)
-            chosen = noises[(w.cumsum(0) < u).sum(0).clamp(max=self.k - 1), torch.arange(len(x))]
-            self.kl.append((w * (self.k * w).clamp(min=1e-30).log()).sum(0))
+            chosen = noises[self.choose(w, gens), torch.arange(len(x))]
             return mean + sigma * (lowpass(chosen, self.keep) + z - lowpass(z, self.keep))
         u = (w.view(*w.shape, *[1] * (z.dim() - 1)) * noises).sum(0)
         shift = sigma * lowpass(u, self.keep)
