@@ -4,6 +4,7 @@ Run after `dvc repro base train_classifier@digit train_classifier@compressibilit
     python research/mc_value.py --continuations 2 --candidates 16 [--per-pair 1] [--min-t 100]
     python research/mc_value.py --continuations 8                  (the gradient form, --candidates 0)
     python research/mc_value.py --continuations 1 --candidates 16 --shift 4 [--pick]  (a Gaussian mean shift)
+    python research/mc_value.py --continuations 1 --candidates 16 --min-t 500          (choose early only)
 
 The optimum of CTRL's objective is the base's path measure tilted by p̂(y | x0)^γ. Its kernel at step
 t -> t_prev is the base's N(μ, σ²) times the value h(x') = E_base[p̂(y | x0)^γ | x_t_prev = x']. This
@@ -17,7 +18,8 @@ with it in one of two ways, each the target a distilled control would fit:
   ∇ log ĥ = Σ_m softmax_m(γ log p̂_m) ∇_x' γ log p̂(y | x0_m(x')), exact as M grows if log h is
   nearly linear over σ.
 
-Steps with t <= min_t keep the base's kernel, as `finetune.base_last_steps` does. Prints oracle
+Steps with t <= min_t keep the base's kernel, as `finetune.base_last_steps` does, and so do steps with
+t > max_t where ``--max-t`` is given (to ask which steps the choice acts on). Prints oracle
 accuracy and macro-F1, c_accuracy, the reward's E log p̂, the path KL (gradient form: Σ σ²‖∇ log ĥ‖² / 2;
 resampling: the selection's KL to the uniform choice, at most log K per step) and γ E log p̂ − KL, on
 requests from seeds 5,000,000+ (disjoint from the evaluation's, the tuning's and the base rollouts').
@@ -68,6 +70,7 @@ class ValueGradientStep:
 
     def __init__(self, reward: Classifier, gamma: float, continuations: int, min_t: int, chunk: int = 48):
         self.reward, self.gamma, self.m, self.min_t, self.chunk = reward, gamma, continuations, min_t, chunk
+        self.max_t: int | None = None  # steps out of t > max_t keep the base's kernel too (None: none)
         self.kl: list[torch.Tensor] = []
 
     def continuations(self, model: BaseModel, x: torch.Tensor, t_prev: int, cfg: SamplerConfig, seeds):
@@ -105,7 +108,8 @@ class ValueGradientStep:
         """(mean, σ, whether this step keeps the base's kernel) of the base's guided step."""
         eps = guided_eps(model, x, t, c, cfg.guidance_scale)
         mean, sigma, _ = ddim_step(model.scheduler, x, eps, t, t_prev, cfg.eta)
-        return mean, sigma, float(sigma) == 0.0 or t <= self.min_t
+        late = self.max_t is not None and t > self.max_t
+        return mean, sigma, float(sigma) == 0.0 or t <= self.min_t or late
 
     def __call__(self, model, x, t, t_prev, z, c, cfg, y, y_null=None, seeds=None):
         mean, sigma, off = self.base_kernel(model, x, t, t_prev, c, cfg)
@@ -223,6 +227,9 @@ def main() -> None:
     parser.add_argument(
         "--min-t", type=int, default=100, help="steps out of t <= this keep the base's kernel"
     )
+    parser.add_argument(
+        "--max-t", type=int, default=None, help="steps out of t > this keep the base's kernel too"
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument(
         "--candidates", type=int, default=0, help="> 0: resample K base candidates by ĥ instead"
@@ -257,6 +264,7 @@ def main() -> None:
         step = ValueResampleStep(reward, params.gamma, args.continuations, args.candidates, args.min_t)
     else:
         step = ValueGradientStep(reward, params.gamma, args.continuations, args.min_t)
+    step.max_t = args.max_t
     start, images, kls = time.perf_counter(), [], []
     shift = f"{args.shift}{' pick' if args.pick else ''}" if args.shift else "none"
     desc = f"MC value, M = {args.continuations}, K = {args.candidates}, shift {shift}"
@@ -275,7 +283,8 @@ def main() -> None:
     c_acc = float((pred == c.numpy()).mean())
     total_kl = kl.sum(1).mean().item()
     print(
-        f"M = {args.continuations}, K = {args.candidates}, {len(req)} images, control on t > {args.min_t}: "
+        f"M = {args.continuations}, K = {args.candidates}, {len(req)} images, control on t > {args.min_t}"
+        f"{'' if args.max_t is None else f' and t <= {args.max_t}'}: "
         f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}, c_accuracy {c_acc:.3f}, "
         f"E log p̂ {log_p:.3f}, KL {total_kl:.2f} (per step {[round(v, 2) for v in kl.mean(0).tolist()]}), "
         f"objective {params.gamma * log_p - total_kl:.2f}, {seconds / len(req):.1f} s / image"

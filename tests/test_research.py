@@ -113,6 +113,21 @@ def test_mc_value_resampling_with_one_candidate_is_the_base_sampler_and_costs_no
     assert (kl > 0).any() and (kl <= torch.log(torch.tensor(4.0)) + 1e-5).all()  # at most log K per step
 
 
+def test_mc_value_max_t_keeps_the_base_kernel_above_the_window():
+    base, reward = micro_base(), micro_reward(num_classes=2)
+    cfg = SamplerConfig(steps=4)
+    c, y, seeds = torch.tensor([0, 1, 2]), torch.tensor([1, 0, 1]), [5, 6, 7]
+    stochastic = [t for t, tp in timestep_pairs(base.scheduler, cfg.steps) if tp >= 0]
+    step = ValueResampleStep(reward, gamma=3.0, continuations=2, candidates=4, min_t=-1)
+    step.max_t = min(stochastic) - 1  # every step above the window: the base sampler, no KL collected
+    torch.testing.assert_close(sample(base, c, seeds, cfg, y, 2, step), sample(base, c, seeds, cfg))
+    assert step.kl == []
+    step.kl, step.max_t = [], min(stochastic)  # only the last stochastic step chooses
+    images = sample(base, c, seeds, cfg, y, 2, step)
+    assert len(step.kl) == 1 and (step.kl[0] > 0).any()
+    assert not torch.allclose(images, sample(base, c, seeds, cfg))
+
+
 def test_mc_value_shift_is_the_candidates_weighted_noise_low_passed_and_its_kl():
     from ctrldiff.ddim import ddim_step
 
