@@ -8,6 +8,8 @@ Run after `dvc repro base train_classifier@digit train_classifier@compressibilit
     # twice the data (a second recording, cached in --out beside the first), the same number of updates:
     python research/choice_distill.py --per-pair 6 --candidates 16 --continuations 1 --batch 10 --keep last \
         --seed-starts 7000000 7001000 --epochs 4
+    # no fit: where the target's energy lives, and whether the kept noise changes the kernel's variance
+    python research/choice_distill.py --per-pair 6 --candidates 16 --continuations 1 --record-only
 
 `research/mc_value.py` showed that a sampler which, at every stochastic step, draws K candidates
 from the base's kernel and keeps one with probability ∝ ĥ (a Monte-Carlo estimate of the value
@@ -179,6 +181,53 @@ def spectrum(data: dict, edges: tuple[int, ...] = (0, 2, 4, 8, 14)) -> None:
         label = f"t = {t}" if t is not None else "all steps"
         cells = " | ".join(f"{float(r.mean()):.3f}" for r in per_row)
         print(f"  {label:>10}: {cells}  (± {float(se):.3f}; {int(rows.sum())} rows)")
+
+
+def chosen_noise(data: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise each recorded step kept, z = (x_next - μ_pre) / σ, from the trajectory's next state,
+    and the rows it belongs to (a step whose next state was not recorded, the last controlled one, has
+    none)."""
+    row_of = {(int(r), int(t)): i for i, (r, t) in enumerate(zip(data["traj"], data["t"], strict=True))}
+    pairs = [
+        (i, row_of[(int(r), int(tp))])
+        for i, (r, tp) in enumerate(zip(data["traj"], data["t_prev"], strict=True))
+        if (int(r), int(tp)) in row_of
+    ]
+    rows, nxt = (torch.tensor(v) for v in zip(*pairs, strict=True))
+    sigma = data["sigma"][rows].view(-1, *[1] * (data["x"].dim() - 1))
+    return (data["x"][nxt] - data["mean"][rows]) / sigma, rows
+
+
+def chosen_spectrum(data: dict, edges: tuple[int, ...] = (0, 2, 4, 8, 14, 20)) -> None:
+    """Is the choice a mean shift or a change of the kernel's variance? Per requested y and DCT band.
+
+    The kept noise's energy per coefficient minus 1 is, in expectation, the tilted kernel's variance
+    change plus its mean's energy (0 for the base's kernel, exactly). The target's excess over E[1/ESS]
+    estimates the mean's energy alone. If the first exceeds the second, or goes below 0, the choice
+    changes the variance, which no mean shift (a LoRA's control) can do. s.e. from the rows' spread.
+    """
+    z, rows = chosen_noise(data)
+    n = z.shape[-1]
+    d = dct_basis(n)
+    kept = (d @ z @ d.T).pow(2).mean(1)  # (rows, n, n)
+    mean2 = (d @ data["target"][rows] @ d.T).pow(2).mean(1) - (1 / data["ess"][rows]).view(-1, 1, 1)
+    ij = torch.arange(n)
+    band_of = torch.maximum(ij[:, None], ij[None])
+    bounds = [*edges, n]
+    header = " | ".join(f"[{a},{b})" for a, b in zip(bounds, bounds[1:], strict=False))
+    print(f"kept noise's energy per coefficient - 1 (the mean's energy), by band max(i, j) ∈ {header}")
+    y = data["y"][rows]
+    for k in [*y.unique().tolist(), None]:
+        sel = y == k if k is not None else torch.ones(len(y), dtype=torch.bool)
+        cells = []
+        for a, b in zip(bounds, bounds[1:], strict=False):
+            band = (band_of >= a) & (band_of < b)
+            e, m2 = kept[sel][:, band].mean(1) - 1, mean2[sel][:, band].mean(1)
+            cells.append(
+                f"{float(e.mean()):+.3f} ± {float(e.std() / math.sqrt(len(e))):.3f} ({float(m2.mean()):+.3f})"
+            )
+        label = f"y = {k}" if k is not None else "all y"
+        print(f"  {label:>6}: " + " | ".join(cells) + f"  ({int(sel.sum())} steps)")
 
 
 def load_inputs(models: Path, data: Path) -> tuple:
@@ -428,6 +477,7 @@ def main() -> None:
     data = merge(parts)
     if args.record_only:
         spectrum(data)
+        chosen_spectrum(data)
         return
     n_img = len(data["sampler_images"])
     sampler = figures(

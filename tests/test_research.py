@@ -233,3 +233,26 @@ def test_feedback_control_starts_at_the_plain_control_and_leaves_the_null_branch
         rows = model.y_embedding(torch.cat([y, null]))
         model.y_embedding.context = None
         assert rows[:3].abs().max() > 0 and (rows[3:] == 0).all()
+
+
+def test_chosen_noise_is_recovered_from_the_next_recorded_state():
+    from research.choice_distill import chosen_noise
+
+    gen = torch.Generator().manual_seed(0)
+    steps, n, shape = [(900, 600), (600, 300), (300, 0)], 3, (1, 4, 4)
+    rows = {key: [] for key in ["x", "t", "t_prev", "mean", "sigma", "traj"]}
+    kept = {}
+    for r in range(n):
+        x = torch.randn(shape, generator=gen)
+        for t, tp in steps:
+            mean, sigma = 0.9 * x + 0.1, 0.5 + t / 1000
+            z = torch.randn(shape, generator=gen)
+            for key, v in zip(rows, [x, t, tp, mean, sigma, r], strict=True):
+                rows[key].append(torch.as_tensor(v))
+            kept[(r, t)] = z
+            x = mean + sigma * z
+    data = {key: torch.stack(v) for key, v in rows.items()}
+    z, which = chosen_noise(data)
+    assert len(which) == n * (len(steps) - 1)  # the last recorded step has no next state
+    for zi, i in zip(z, which.tolist(), strict=True):
+        torch.testing.assert_close(zi, kept[(int(data["traj"][i]), int(data["t"][i]))])
