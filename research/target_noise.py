@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--per-y", type=int, default=10, help="states per requested y and step")
     parser.add_argument("--candidates", type=int, default=16)
     parser.add_argument("--replicates", type=int, default=3)
+    parser.add_argument("--estimators", nargs="+", choices=ESTIMATORS, default=list(ESTIMATORS))
     args = parser.parse_args()
     params = load_params("params.yaml")
     meta = json.loads((args.data / "meta.json").read_text())
@@ -116,14 +117,14 @@ def main() -> None:
     for t in args.steps:
         row = rows_at(data, t, args.per_y)
         u, ess = {}, {}
-        jobs = list(itertools.product(ESTIMATORS, range(args.replicates)))
+        jobs = list(itertools.product(args.estimators, range(args.replicates)))
         for est, rep in tqdm(jobs, desc=f"targets at t = {t}"):
             u[est, rep], ess[est, rep] = target(value, base, row, est, rep, cfg)
         d = row["x"][0].numel()
         print(f"t = {t} ({len(row['x'])} states, K = {args.candidates}, {args.replicates} replicates):")
         signal = {}
         pairs = list(itertools.combinations(range(args.replicates), 2))
-        for est in ESTIMATORS:
+        for est in args.estimators:
             prods = torch.stack([(u[est, a] * u[est, b]).flatten(1).sum(1) / d for a, b in pairs])
             energy = torch.stack([u[est, r].pow(2).flatten(1).sum(1) / d for r in range(args.replicates)])
             signal[est] = prods.mean()
@@ -135,7 +136,7 @@ def main() -> None:
                 f"noise {float(noise):.4f}, ratio {float(signal[est] / noise):+.4f}, "
                 f"ESS {float(mean_ess):.2f}"
             )
-        for a, b in itertools.combinations(ESTIMATORS, 2):
+        for a, b in itertools.combinations(args.estimators, 2):
             cross = torch.stack(
                 [
                     (u[a, r] * u[b, s]).flatten(1).sum(1).mean() / d
