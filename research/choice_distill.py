@@ -153,6 +153,19 @@ def merge(parts: list[dict]) -> dict:
     return merged
 
 
+def band_energy(x: torch.Tensor, edges: tuple[int, ...]) -> tuple[torch.Tensor, list[torch.Tensor], str]:
+    """x's energy per 2-D DCT coefficient (rows, n, n; mean over channels), the masks of the bands
+    max(i, j) ∈ [edges[b], edges[b + 1]) (the last band up to n), and a header naming them."""
+    n = x.shape[-1]
+    d = dct_basis(n)
+    ij = torch.arange(n)
+    band_of = torch.maximum(ij[:, None], ij[None])
+    bounds = [*edges, n]
+    pairs = list(zip(bounds, bounds[1:], strict=False))
+    bands = [(band_of >= a) & (band_of < b) for a, b in pairs]
+    return (d @ x @ d.T).pow(2).mean(1), bands, " | ".join(f"[{a},{b})" for a, b in pairs)
+
+
 def spectrum(data: dict, edges: tuple[int, ...] = (0, 2, 4, 8, 14)) -> None:
     """Where the target's signal lives: its mean energy per DCT coefficient, by band and by step.
 
@@ -162,21 +175,12 @@ def spectrum(data: dict, edges: tuple[int, ...] = (0, 2, 4, 8, 14)) -> None:
     2-D DCT coefficient (i, j), the last band up to n.
     """
     target = data["target"]
-    n = target.shape[-1]
-    d = dct_basis(n)
-    energy = (d @ target @ d.T).pow(2).mean(1)  # (rows, n, n): mean over channels
-    ij = torch.arange(n)
-    band_of = torch.maximum(ij[:, None], ij[None])
-    bounds = [*edges, n]
-    header = " | ".join(f"[{a},{b})" for a, b in zip(bounds, bounds[1:], strict=False))
+    energy, bands, header = band_energy(target, edges)
     print(f"target energy per coefficient / E[1/ESS], by band max(i, j) ∈ {header}; ± 2 s.e. of the first")
     for t in [*data["t"].unique().flip(0).tolist(), None]:
         rows = data["t"] == t if t is not None else torch.ones(len(target), dtype=torch.bool)
         floor = (1 / data["ess"][rows]).mean()
-        per_row = [
-            energy[rows][:, (band_of >= a) & (band_of < b)].mean(1) / floor
-            for a, b in zip(bounds, bounds[1:], strict=False)
-        ]
+        per_row = [energy[rows][:, band].mean(1) / floor for band in bands]
         se = 2 * per_row[0].std() / math.sqrt(len(per_row[0]))
         label = f"t = {t}" if t is not None else "all steps"
         cells = " | ".join(f"{float(r.mean()):.3f}" for r in per_row)
@@ -207,21 +211,14 @@ def chosen_spectrum(data: dict, edges: tuple[int, ...] = (0, 2, 4, 8, 14, 20)) -
     changes the variance, which no mean shift (a LoRA's control) can do. s.e. from the rows' spread.
     """
     z, rows = chosen_noise(data)
-    n = z.shape[-1]
-    d = dct_basis(n)
-    kept = (d @ z @ d.T).pow(2).mean(1)  # (rows, n, n)
-    mean2 = (d @ data["target"][rows] @ d.T).pow(2).mean(1) - (1 / data["ess"][rows]).view(-1, 1, 1)
-    ij = torch.arange(n)
-    band_of = torch.maximum(ij[:, None], ij[None])
-    bounds = [*edges, n]
-    header = " | ".join(f"[{a},{b})" for a, b in zip(bounds, bounds[1:], strict=False))
+    kept, bands, header = band_energy(z, edges)
+    mean2 = band_energy(data["target"][rows], edges)[0] - (1 / data["ess"][rows]).view(-1, 1, 1)
     print(f"kept noise's energy per coefficient - 1 (the mean's energy), by band max(i, j) ∈ {header}")
     y = data["y"][rows]
     for k in [*y.unique().tolist(), None]:
         sel = y == k if k is not None else torch.ones(len(y), dtype=torch.bool)
         cells = []
-        for a, b in zip(bounds, bounds[1:], strict=False):
-            band = (band_of >= a) & (band_of < b)
+        for band in bands:
             e, m2 = kept[sel][:, band].mean(1) - 1, mean2[sel][:, band].mean(1)
             cells.append(
                 f"{float(e.mean()):+.3f} ± {float(e.std() / math.sqrt(len(e))):.3f} ({float(m2.mean()):+.3f})"

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -35,11 +34,10 @@ import torch
 from tqdm import tqdm
 
 from ctrldiff.base import load_base
-from ctrldiff.params import load_params
 from ctrldiff.sampling import SamplerConfig
-from ctrldiff.tasks import load_reward
 
 sys.path.insert(0, str(Path(__file__).parent))
+from choice_distill import load_inputs  # noqa: E402
 from mc_value import ValueResampleStep  # noqa: E402
 
 ESTIMATORS = ("independent", "common", "antithetic")
@@ -104,10 +102,8 @@ def main() -> None:
     parser.add_argument("--replicates", type=int, default=3)
     parser.add_argument("--estimators", nargs="+", choices=ESTIMATORS, default=list(ESTIMATORS))
     args = parser.parse_args()
-    params = load_params("params.yaml")
-    meta = json.loads((args.data / "meta.json").read_text())
+    params, _, reward, _, _ = load_inputs(args.models, args.data)
     base = load_base(args.models / "base")
-    reward = load_reward(meta, args.models)
     for p in [*base.unet.parameters(), *reward.net.parameters()]:
         p.requires_grad_(False)
     ro = params.finetune.rollout

@@ -267,13 +267,14 @@ def test_target_noise_estimators_at_zero_gamma_are_the_plain_mean_and_antithetic
     x = torch.randn(3, *base.sample_shape, generator=torch.Generator().manual_seed(1))
     row = {"x": x, "mean": 0.9 * x, "sigma": torch.full((3,), 0.5), "c": torch.tensor([0, 1, 2])}
     row |= {"y": torch.tensor([1, 0, 1]), "t_prev": t_prev, "seed": [5, 6, 7]}
-    z = candidate_noises(k, tuple(base.sample_shape), [5_045, 6_054, 7_063], antithetic=True)
+    replicate_0 = [s * 1_009 for s in row["seed"]]  # the seeds `target` draws replicate 0's noises from
+    z = candidate_noises(k, tuple(base.sample_shape), replicate_0, antithetic=True)
     torch.testing.assert_close(z[: k // 2], -z[k // 2 :])
     flat = ValueResampleStep(reward, gamma=0.0, continuations=1, candidates=k, min_t=-1)
     for est in ESTIMATORS:
         u, ess = target(flat, base, row, est, 0, cfg)
         torch.testing.assert_close(ess, torch.full((3,), float(k)))  # uniform weights
-        z = candidate_noises(k, tuple(base.sample_shape), [s * 1_009 for s in (5, 6, 7)], est == "antithetic")
+        z = candidate_noises(k, tuple(base.sample_shape), replicate_0, est == "antithetic")
         torch.testing.assert_close(u, z.mean(0), atol=1e-6, rtol=1e-5)
     sharp = ValueResampleStep(reward, gamma=5.0, continuations=1, candidates=k, min_t=-1)
     u_ind, _ = target(sharp, base, row, "independent", 0, cfg)
