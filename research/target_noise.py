@@ -68,6 +68,11 @@ def target(value: ValueResampleStep, model, row: dict, estimator: str, rep: int,
     return u, 1.0 / w.pow(2).sum(0)
 
 
+def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Each state's a · b per coefficient: (n, *shape) × (n, *shape) -> (n,)."""
+    return (a * b).flatten(1).mean(1)
+
+
 def rows_at(data: dict, t: int, per_y: int) -> dict:
     """per_y recorded states at step t for each requested y, from distinct trajectories."""
     idx = []
@@ -116,13 +121,12 @@ def main() -> None:
         jobs = list(itertools.product(args.estimators, range(args.replicates)))
         for est, rep in tqdm(jobs, desc=f"targets at t = {t}"):
             u[est, rep], ess[est, rep] = target(value, base, row, est, rep, cfg)
-        d = row["x"][0].numel()
         print(f"t = {t} ({len(row['x'])} states, K = {args.candidates}, {args.replicates} replicates):")
         signal = {}
         pairs = list(itertools.combinations(range(args.replicates), 2))
         for est in args.estimators:
-            prods = torch.stack([(u[est, a] * u[est, b]).flatten(1).sum(1) / d for a, b in pairs])
-            energy = torch.stack([u[est, r].pow(2).flatten(1).sum(1) / d for r in range(args.replicates)])
+            prods = torch.stack([dot(u[est, a], u[est, b]) for a, b in pairs])
+            energy = torch.stack([dot(u[est, r], u[est, r]) for r in range(args.replicates)])
             signal[est] = prods.mean()
             noise = energy.mean() - signal[est]
             se = prods.mean(0).std() / len(row["x"]) ** 0.5
@@ -135,7 +139,7 @@ def main() -> None:
         for a, b in itertools.combinations(args.estimators, 2):
             cross = torch.stack(
                 [
-                    (u[a, r] * u[b, s]).flatten(1).sum(1).mean() / d
+                    dot(u[a, r], u[b, s]).mean()
                     for r in range(args.replicates)
                     for s in range(args.replicates)
                     if r != s
