@@ -319,6 +319,25 @@ def _eval_record(method: str, accuracy: float, c_accuracy: float) -> dict:
     }
 
 
+def test_tune_rerun_keeps_its_decision_bytes_and_writes_seconds_apart(smoke_run, monkeypatch):
+    """`sample` and the efficiency study depend on tune/<method>.json: a rerun that measures the same
+    scores must leave its bytes as they were (so DVC reruns nothing below it), while the sweep's seconds
+    per image, which change on every run, go to a file nothing depends on."""
+    from stages import tune
+
+    monkeypatch.chdir(smoke_run)
+    decision, seconds = Path("metrics/tune/dps.json"), Path("metrics/tune/dps_seconds.json")
+    tune.main(["--method", "dps"])
+    first = decision.read_bytes()
+    tune.main(["--method", "dps"])
+    assert decision.read_bytes() == first
+    record = json.loads(first)
+    assert "seconds_per_image" not in json.dumps(record)
+    assert record["chosen"]["scale"] == 0.1 and [s["scale"] for s in record["sweep"]] == [0.1]
+    timing = json.loads(seconds.read_text())
+    assert timing["method"] == "dps" and timing["sweep"][0]["seconds_per_image"] > 0
+
+
 def test_compare_draws_each_sweep_and_names_a_missing_one(tmp_path, monkeypatch):
     from stages import compare
 
